@@ -1,0 +1,309 @@
+"""MPVG: Maximizing the Position Embedding for Vision Transformers with Global Average Pooling.
+
+A reference implementation of Lee, Ham and Kim (AAAI 2025, arXiv 2502.02919), to be read next to
+the paper. One ViT/DeiT whose position embedding (PE) is wired by four knobs; the paper's PE modes
+(default, LaPE, PVG, MPVG) are presets of those knobs, and its ablations turn them one at a time.
+
+    model = create_model("deit_tiny", pe="mpvg")  # GAP, layer-wise PE, PE at the Last LN
+    logits = model(images)  # (B, 3, 224, 224) -> (B, 1000)
+
+Equation numbers are those of the paper's Methodology section. Layers are numbered l = 0..L as
+in the paper (depth = L + 1). The paper writes LN'_l both for the MLP's pre-norm (Eq. 3) and for
+the PE's own norm (Eq. 6); here they are two modules, `norm2` and `pe_norm`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+AUTO = "auto"  # a knob left at AUTO takes the value that the `pe` mode gives it
+
+# Each PE mode is a preset of the four knobs, plus the pooling the paper runs it with.
+PE_MODES = {
+    # ViT/DeiT: PE added once to the patches, Eq. (1).
+    "default": dict(pe_input=True, pe_layers="none", pe_hierarchical=True, last_pe=None, pool="cls"),
+    # LaPE (Yu et al. 2023): no PE on the patches, Eq. (5); every layer gets its own LN'_l, Eqs. (6)-(7).
+    "lape": dict(pe_input=False, pe_layers="all", pe_hierarchical=True, last_pe=None, pool="cls"),
+    # PVG: PE on the patches, Eq. (8), and layer-wise from layer 1 on, Eqs. (9)-(10).
+    "pvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=None, pool="gap"),
+    # MPVG: PVG, and LN(pos_0) added to the Last LN's output, Eq. (11).
+    "mpvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=0, pool="gap"),
+    # No position embedding at all: a GAP model is then blind to the order of the patches.
+    "none": dict(pe_input=False, pe_layers="none", pe_hierarchical=True, last_pe=None, pool="gap"),
+}
+
+PRESETS = {
+    "deit_tiny": dict(dim=192, heads=3),
+    "deit_small": dict(dim=384, heads=6),
+    "deit_base": dict(dim=768, heads=12),
+    "vit_lite_7_4": dict(
+        img_size=32, patch_size=4, num_classes=100, dim=256, depth=7, heads=4, mlp_ratio=2.0,
+        qkv_bias=False, norm_eps=1e-5,
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Config:
+    img_size: int = 224  # H = W of the input, in pixels
+    patch_size: int = 16  # P: each P x P patch becomes one token, N = HW / P^2
+    in_chans: int = 3
+    num_classes: int = 1000
+    dim: int = 192  # D, the width of every token
+    depth: int = 12  # L + 1 layers, l = 0..L
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # DeiT: True; ViT-Lite (Compact Transformers): False
+    norm_eps: float = 1e-6  # DeiT: 1e-6; ViT-Lite: 1e-5 (PyTorch's default)
+    drop_path: float = 0.0  # stochastic depth of the last layer, linear from 0 at layer 0 (DeiT)
+    attn_drop: float = 0.0  # dropout on the attention weights (ViT-Lite's recipe: 0.1)
+    pe: str = "default"  # a mode of PE_MODES; it presets the knobs below that are left at AUTO
+    pool: str = AUTO  # "cls": read the class token; "gap": average all tokens
+    pe_input: bool | str = AUTO  # add pos to the patches before layer 0, Eq. (1)/(8); else Eq. (5)
+    pe_layers: str = AUTO  # which layers get LN'_l(pos) in the MSA input, Eq. (6)/(9): none|all|skip0
+    pe_hierarchical: bool | str = AUTO  # pos_l = LN'_l(pos_{l-1}), Eq. (7)/(10); else LN'_l(pos_0)
+    last_pe: int | None | str = AUTO  # k: add LN(pos_k) to the Last LN output, Eq. (11); None: don't
+
+    def __post_init__(self):
+        if self.pe not in PE_MODES:
+            raise ValueError(f"unknown pe mode {self.pe!r}: choose one of {', '.join(PE_MODES)}")
+        for name, value in PE_MODES[self.pe].items():
+            if getattr(self, name) == AUTO:
+                setattr(self, name, value)
+        self.validate()
+
+    def validate(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        check(
+            self.img_size % self.patch_size == 0,
+            f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
+            f"choose sizes with img_size = n * patch_size",
+        )
+        check(self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}")
+        check(self.pool in ("cls", "gap"), f"unknown pool {self.pool!r}: choose 'cls' or 'gap'")
+        check(
+            self.pe_layers in ("none", "all", "skip0"),
+            f"unknown pe_layers {self.pe_layers!r}: choose 'none', 'all' or 'skip0'",
+        )
+        for name in ("pe_input", "pe_hierarchical", "qkv_bias"):
+            check(
+                isinstance(getattr(self, name), bool),
+                f"{name} must be True or False, got {getattr(self, name)!r}",
+            )
+        k = self.last_pe
+        if k is not None:
+            check(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < self.depth,
+                f"last_pe must be None or a layer index 0..{self.depth - 1}, got {k!r}",
+            )
+            check(
+                k == 0 or k in self.pe_layer_ids,
+                f"last_pe={k} names pos_{k}, but layer {k} receives no PE (pe_layers={self.pe_layers!r}): "
+                f"use 0 (the raw PE) or a layer in {self.pe_layer_ids}",
+            )
+            check(
+                self.pool == "gap",
+                "the Last-LN PE (Eq. 11, MPVG) needs pool='gap': the paper's Conclusion states MPVG "
+                "is incompatible with the class token",
+            )
+        for name in ("drop_path", "attn_drop"):
+            check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def num_patches(self) -> int:  # N
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:  # N, plus one with a class token
+        return self.num_patches + (self.pool == "cls")
+
+    @property
+    def pe_layer_ids(self) -> list[int]:  # the layers l whose MSA input gets LN'_l(pos)
+        first = {"none": self.depth, "all": 0, "skip0": 1}[self.pe_layers]
+        return list(range(first, self.depth))
+
+    @property
+    def has_pos_embed(self) -> bool:
+        return self.pe_input or self.pe_layers != "none" or self.last_pe is not None
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: drop the residual branch of whole samples with probability p."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class PatchEmbed(nn.Module):
+    """The patch embeddings p^1..p^N: one linear map of each P x P patch (a strided convolution)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.proj(img), "b d h w -> b (h w) d")  # (B, N, D), row-major patches
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, the MSA of Eqs. (2), (6) and (9)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.heads, self.attn_drop = cfg.heads, cfg.attn_drop
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
+        dropout = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # softmax(q k^T / sqrt(d)) v
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Layer l: a pre-norm transformer block whose MSA input may also get the layer's PE."""
+
+    def __init__(self, cfg: Config, drop_path: float, receives_pe: bool):
+        super().__init__()
+        self.drop_path = drop_path
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # LN_l
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the MLP's pre-norm, LN'_l of Eq. (3)
+        self.mlp = Mlp(cfg)
+        # LN'_l of Eqs. (6)-(7) and (9)-(10): the PE's own LayerNorm, only where the layer gets PE.
+        self.pe_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if receives_pe else None
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: x_l (B, N, D); pos: the PE this layer receives, already through pe_norm (1, N, D)."""
+        h = self.norm1(x)
+        if pos is not None:
+            h = h + pos  # Eq. (6)/(9): MSA(LN_l(x_l) + LN'_l(pos_l))
+        x = x + drop_path(self.attn(h), self.drop_path, self.training)  # Eq. (2): x'_l
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # Eq. (3): x_{l+1}
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
+        # pos = pos_0: one learnable row per token, the class slot included (as in DeiT and LaPE).
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim)) if cfg.has_pos_embed else None
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the Last LN, Eq. (4)
+        self.norm_pe = (
+            nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.last_pe is not None else None
+        )  # Eq. (11)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.init_weights()
+
+    def init_weights(self):
+        """DeiT's initialisation: truncated normal (std 0.02) weights, zero biases, LayerNorm 1 and 0."""
+        for p in (self.pos_embed, self.cls_token):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters a trainer must not decay (DeiT): pos_embed, cls_token, biases and LayerNorms."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
+
+    def layer_pos(self) -> list[torch.Tensor | None]:
+        """The PE each layer l receives, (1, N, D), or None: Eqs. (6)-(7), (9)-(10) and Table 6.
+
+        pos is input-independent, so this runs once per forward on one (1, N, D) tensor, not per sample.
+        """
+        received, pos = [], self.pos_embed  # pos_0 = pos
+        for block in self.blocks:
+            if block.pe_norm is None:
+                received.append(None)
+                continue
+            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else self.pos_embed)  # Eq. (7)/(10)
+            received.append(pos)
+        return received
+
+    def check_input(self, img: torch.Tensor):
+        cfg, shape = self.cfg, tuple(img.shape)
+        if img.ndim != 4 or shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {shape}: "
+                f"this model was built for img_size={cfg.img_size}, in_chans={cfg.in_chans}"
+            )
+
+    def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> y, the Last LN's output tokens (B, N, D).
+
+        trace: a dict that, when given, is filled with what the paper's analysis reads: `tokens`,
+        x_l entering each layer (B, N, D); `pos`, the PE each layer received (1, N, D) or None;
+        `pre_norm`, x_{L+1} before the Last LN; `post_norm`, y after it (Eq. 11 included).
+        """
+        self.check_input(img)
+        cfg = self.cfg
+        x = self.patch_embed(img)  # [p^1; ...; p^N], (B, N, D)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
+        if cfg.pe_input:
+            x = x + self.pos_embed  # Eq. (1)/(8): x_0; without it, Eq. (5)
+        pos = self.layer_pos()
+        tokens = []
+        for block, pos_l in zip(self.blocks, pos):
+            tokens.append(x)
+            x = block(x, pos_l)  # Eqs. (2)-(3), with (6) or (9) where pos_l is given
+        y = self.norm(x)  # Eq. (4): y = LN(x_{L+1})
+        if self.norm_pe is not None:
+            pos_k = self.pos_embed if cfg.last_pe == 0 else pos[cfg.last_pe]  # Table 5: pos_k
+            y = y + self.norm_pe(pos_k)  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
+        if trace is not None:
+            trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
+        return y
+
+    def forward_head(self, y: torch.Tensor) -> torch.Tensor:
+        pooled = y[:, 0] if self.cfg.pool == "cls" else y.mean(dim=1)  # class token, or GAP
+        return self.head(pooled)  # (B, num_classes)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+
+def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
+    """A model from a preset of PRESETS, with any Config field overridden, e.g. pe="mpvg"."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown model option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
+        )
+    return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
