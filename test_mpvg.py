@@ -1,0 +1,506 @@
+"""Property tests of mpvg.py: each test names the equation or table of the paper that it checks."""
+
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from mpvg import PE_MODES, PRESETS, Config, create_model
+
+settings.register_profile(
+    "mpvg", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("mpvg")
+
+MODES = ["default", "lape", "pvg", "mpvg"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawn configurations
+
+
+def receiving_layers(pe_layers, depth):
+    """Layers whose MSA input gets PE, spelled out from the paper's text (not from mpvg.py)."""
+    return {"none": [], "all": list(range(depth)), "skip0": list(range(1, depth))}[pe_layers]
+
+
+@st.composite
+def structures(draw):
+    patch, heads = draw(st.sampled_from([2, 4])), draw(st.integers(1, 2))
+    return dict(
+        img_size=patch * draw(st.integers(1, 3)),
+        patch_size=patch,
+        in_chans=draw(st.sampled_from([1, 3])),
+        num_classes=draw(st.integers(1, 5)),
+        dim=heads * draw(st.sampled_from([4, 8])),
+        depth=draw(st.integers(1, 4)),
+        heads=heads,
+        mlp_ratio=draw(st.sampled_from([1.0, 2.0])),
+        qkv_bias=draw(st.booleans()),
+        norm_eps=draw(st.sampled_from([1e-6, 1e-5])),
+    )
+
+
+@st.composite
+def configs(draw, modes=tuple(PE_MODES)):
+    """A small model: a PE mode, and often some of its knobs overridden (every valid combination)."""
+    kw = draw(structures())
+    kw["pe"] = draw(st.sampled_from(modes))
+    if draw(st.booleans()):
+        choices = dict(
+            pool=["cls", "gap"],
+            pe_input=[True, False],
+            pe_layers=["none", "all", "skip0"],
+            pe_hierarchical=[True, False],
+        )
+        for name, values in choices.items():
+            if draw(st.booleans()):
+                kw[name] = draw(st.sampled_from(values))
+        knobs = {**PE_MODES[kw["pe"]], **kw}
+        gap = knobs["pool"] == "gap"
+        kw["last_pe"] = draw(
+            st.sampled_from([None] + ([0, *receiving_layers(knobs["pe_layers"], kw["depth"])] if gap else []))
+        )
+    return kw
+
+
+def randomise(model, seed=0):
+    """Every parameter random, LayerNorm affines included, so that no zero bias hides a wiring error."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            is_ln_weight = name.endswith("weight") and p.ndim == 1
+            p.copy_(1.0 + 0.3 * noise if is_ln_weight else 0.3 * noise)
+    return model
+
+
+def build(kw, seed=0):
+    return randomise(create_model("deit_tiny", **kw), seed).double().eval()
+
+
+def images(model, batch=2, seed=1):
+    c = model.cfg
+    shape = (batch, c.in_chans, c.img_size, c.img_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# A literal, functional reading of Eqs. (1)-(11), computed from the model's own parameters
+
+
+def reference_logits(model, img):
+    cfg, P = model.cfg, dict(model.named_parameters())
+    D, H, p, L1 = cfg.dim, cfg.heads, cfg.patch_size, cfg.depth
+    B, g = img.shape[0], cfg.img_size // p
+
+    def LN(t, name):
+        mu = t.mean(-1, keepdim=True)
+        var = ((t - mu) ** 2).mean(-1, keepdim=True)
+        return (t - mu) / torch.sqrt(var + cfg.norm_eps) * P[f"{name}.weight"] + P[f"{name}.bias"]
+
+    def linear(t, name):
+        b = P.get(f"{name}.bias")
+        return t @ P[f"{name}.weight"].T + (0 if b is None else b)
+
+    def MSA(a, l):
+        qkv = linear(a, f"blocks.{l}.attn.qkv")
+        d = D // H
+        heads = []
+        for j in range(H):
+            q, k, v = (qkv[..., s * D + j * d : s * D + (j + 1) * d] for s in range(3))
+            heads.append(torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1) @ v)
+        return linear(torch.cat(heads, -1), f"blocks.{l}.attn.proj")
+
+    def MLP(a, l):
+        h = linear(a, f"blocks.{l}.mlp.fc1")
+        return linear(0.5 * h * (1 + torch.erf(h / math.sqrt(2))), f"blocks.{l}.mlp.fc2")
+
+    # p^n: the n-th P x P patch (row-major), flattened and linearly embedded
+    W = P["patch_embed.proj.weight"].reshape(D, -1)
+    cells = [
+        img[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p].reshape(B, -1) for i in range(g) for j in range(g)
+    ]
+    x = torch.stack([c @ W.T + P["patch_embed.proj.bias"] for c in cells], dim=1)
+    if cfg.pool == "cls":
+        x = torch.cat([P["cls_token"].expand(B, 1, D), x], dim=1)  # [x_cls; p^1; ...; p^N]
+    pos = P.get("pos_embed")
+    if cfg.pe_input:
+        x = x + pos  # Eq. (1) / (8); otherwise Eq. (5)
+
+    # The PE that each layer l receives, in each equation's own indexing.
+    layers = receiving_layers(cfg.pe_layers, L1)
+    received = {}
+    if not cfg.pe_hierarchical:  # Table 6, "not hierarchical": LN'_l(pos_0)
+        received = {l: LN(pos, f"blocks.{l}.pe_norm") for l in layers}
+    elif (
+        cfg.pe_layers == "all"
+    ):  # Eq. (7): pos_0 = pos, pos_l = LN'_{l-1}(pos_{l-1}); layer l gets LN'_l(pos_l)
+        pos_eq7 = [pos]
+        for l in range(1, L1):
+            pos_eq7.append(LN(pos_eq7[l - 1], f"blocks.{l - 1}.pe_norm"))
+        received = {l: LN(pos_eq7[l], f"blocks.{l}.pe_norm") for l in layers}
+    elif cfg.pe_layers == "skip0":  # Eq. (10): pos_l = LN'_l(pos_{l-1}); Eq. (9): layer l >= 1 gets pos_l
+        pos_eq10 = [pos]
+        for l in range(1, L1):
+            pos_eq10.append(LN(pos_eq10[l - 1], f"blocks.{l}.pe_norm"))
+        received = {l: pos_eq10[l] for l in layers}
+
+    for l in range(L1):
+        a = LN(x, f"blocks.{l}.norm1")
+        if l in received:
+            a = a + received[l]  # Eq. (6) / (9)
+        x = MSA(a, l) + x  # Eq. (2): x'_l
+        x = MLP(LN(x, f"blocks.{l}.norm2"), l) + x  # Eq. (3): x_{l+1}
+    y = LN(x, "norm")  # Eq. (4)
+    if cfg.last_pe is not None:
+        k = cfg.last_pe  # Table 5: pos_k, the PE input of layer k; pos_0 the raw PE
+        y = y + LN(pos if k == 0 else received[k], "norm_pe")  # Eq. (11)
+    pooled = y[:, 0] if cfg.pool == "cls" else y.mean(dim=1)
+    return linear(pooled, "head")
+
+
+@given(configs())
+def test_forward_equals_literal_reading_of_eqs_1_to_11(kw):
+    """Eqs. (1)-(11), Table 5 and Table 6: the model is the paper's equations, for every knob combination."""
+    model = build(kw)
+    img = images(model)
+    torch.testing.assert_close(model(img), reference_logits(model, img), rtol=1e-9, atol=1e-9)
+
+
+def test_pe_modes_are_the_papers_table():
+    """Fig. 3 and NOTES.md: the knob values of each mode."""
+    assert {m: PE_MODES[m] for m in MODES} == {
+        "default": dict(pe_input=True, pe_layers="none", pe_hierarchical=True, last_pe=None, pool="cls"),
+        "lape": dict(pe_input=False, pe_layers="all", pe_hierarchical=True, last_pe=None, pool="cls"),
+        "pvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=None, pool="gap"),
+        "mpvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=0, pool="gap"),
+    }
+
+
+@given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 3), st.sampled_from([2, 4, 8]), st.booleans())
+def test_sdpa_equals_plain_softmax_attention(batch, tokens, heads, head_dim, qkv_bias):
+    """The MSA of Eq. (2): F.scaled_dot_product_attention computes softmax(q k^T / sqrt(d)) v."""
+    cfg = dict(dim=heads * head_dim, heads=heads, depth=1, img_size=4, patch_size=4, qkv_bias=qkv_bias)
+    attn = randomise(create_model("deit_tiny", **cfg)).double().blocks[0].attn
+    x = torch.randn(batch, tokens, heads * head_dim, dtype=torch.float64)
+    q, k, v = rearrange(attn.qkv(x), "b n (s h d) -> s b h n d", s=3, h=heads)
+    plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1) @ v
+    torch.testing.assert_close(attn(x), attn.proj(rearrange(plain, "b h n d -> b n (h d)")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes, batch independence, determinism, gradients
+
+
+@given(configs(), st.integers(1, 3))
+def test_output_shapes_and_trace(kw, batch):
+    """Eqs. (1)-(4): (B, C, H, W) -> tokens (B, N(+1), D) -> logits (B, classes); the trace is the forward's."""
+    model = build(kw)
+    cfg, img = model.cfg, images(model, batch)
+    trace = {}
+    y = model.forward_features(img, trace=trace)
+    n = (cfg.img_size // cfg.patch_size) ** 2 + (cfg.pool == "cls")
+    assert y.shape == (batch, n, cfg.dim)
+    assert model.forward_head(y).shape == (batch, cfg.num_classes)
+    assert len(trace["tokens"]) == len(trace["pos"]) == cfg.depth
+    assert all(t.shape == (batch, n, cfg.dim) for t in trace["tokens"])
+    receiving = receiving_layers(cfg.pe_layers, cfg.depth)
+    assert [l for l, pe in enumerate(trace["pos"]) if pe is not None] == receiving
+    assert all(
+        trace["pos"][l].shape == (1, n, cfg.dim) for l in receiving
+    )  # once per forward, not per sample
+    torch.testing.assert_close(trace["post_norm"], y)
+    assert trace["pre_norm"].shape == y.shape
+    # x_{l+1} = block_l(x_l, pos_l): the trace holds the values the forward used
+    last = model.blocks[-1](trace["tokens"][-1], trace["pos"][-1])
+    torch.testing.assert_close(last, trace["pre_norm"])
+
+
+@given(configs(), st.integers(2, 4))
+def test_batch_independence_and_determinism_in_eval(kw, batch):
+    """Eval mode: each sample's logits depend on that sample alone, and repeat bit for bit."""
+    model = build(kw)
+    img = images(model, batch)
+    out = model(img)
+    assert torch.equal(out, model(img))
+    for i in range(batch):
+        torch.testing.assert_close(model(img[i : i + 1]), out[i : i + 1], rtol=1e-10, atol=1e-10)
+    torch.manual_seed(3)
+    a = create_model("deit_tiny", **kw)
+    torch.manual_seed(3)
+    b = create_model("deit_tiny", **kw)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@given(configs())
+def test_every_parameter_receives_a_gradient(kw):
+    """No module exists unless the forward uses it, so the parameter counts of Tables 1-2 are exact."""
+    model = build(kw).train()
+    img = images(model, 3)
+    weights = torch.randn(
+        3, model.cfg.num_classes, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    (model(img) * weights).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} receives no gradient"
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, f"{name} has a zero gradient"
+
+
+def test_stochastic_depth_follows_deits_linear_schedule():
+    model = create_model("deit_tiny", depth=5, drop_path=0.2, img_size=32, patch_size=16)
+    assert [b.drop_path for b in model.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_no_weight_decay_names_pos_cls_biases_and_norms():
+    model = create_model("deit_tiny", pe="lape", depth=2, img_size=32, patch_size=16)
+    skip = model.no_weight_decay()
+    assert {"pos_embed", "cls_token", "blocks.0.pe_norm.weight", "norm.bias", "head.bias"} <= skip
+    assert not {"head.weight", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight"} & skip
+    assert skip == {n for n, p in model.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
+
+
+def test_config_round_trips_through_asdict():
+    """A resolved config (as a checkpoint stores it) rebuilds the same model."""
+    cfg = create_model("vit_lite_7_4", pe="mpvg", last_pe=3).cfg
+    assert Config(**asdict(cfg)) == cfg and cfg.last_pe == 3 and cfg.pool == "gap"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reductions that must hold exactly
+
+
+def copy_into(target_kw, source, drop=()):
+    """A model of another configuration carrying the source's parameters (strict load, minus `drop`)."""
+    target = create_model("deit_tiny", **target_kw).double().eval()
+    state = {k: v for k, v in source.state_dict().items() if not any(k.endswith(d) for d in drop)}
+    target.load_state_dict(state, strict=True)
+    return target
+
+
+@given(structures())
+def test_pvg_with_zero_pe_norms_is_the_gap_default(kw):
+    """Eqs. (8)-(10): with LN'_l's affine at zero, PVG's layer-wise PE vanishes and Eqs. (1)-(4) with GAP remain."""
+    pvg = build({**kw, "pe": "pvg"})
+    with torch.no_grad():
+        for block in pvg.blocks:
+            if block.pe_norm is not None:
+                block.pe_norm.weight.zero_()
+                block.pe_norm.bias.zero_()
+    default_gap = copy_into(
+        {**kw, "pe": "default", "pool": "gap"}, pvg, drop=("pe_norm.weight", "pe_norm.bias")
+    )
+    img = images(pvg)
+    torch.testing.assert_close(pvg(img), default_gap(img), rtol=0, atol=0)
+
+
+@given(structures(), st.data())
+def test_mpvg_with_zero_norm_pe_is_pvg(kw, data):
+    """Eq. (11) vs Eq. (4): MPVG with its Last-LN PE norm at zero is PVG."""
+    mpvg = build({**kw, "pe": "mpvg", "last_pe": data.draw(st.sampled_from([0, *range(1, kw["depth"])]))})
+    with torch.no_grad():
+        mpvg.norm_pe.weight.zero_()
+        mpvg.norm_pe.bias.zero_()
+    pvg = copy_into({**kw, "pe": "pvg"}, mpvg, drop=("norm_pe.weight", "norm_pe.bias"))
+    img = images(mpvg)
+    torch.testing.assert_close(mpvg(img), pvg(img), rtol=0, atol=0)
+
+
+@given(structures(), st.data())
+def test_mpvg_is_pvg_with_another_head_bias(kw, data):
+    """NOTES.md: with GAP, mean_n(LN(x)_n + LN(pos_k)_n) = mean_n LN(x)_n + c, so MPVG = PVG with bias b + W c."""
+    k = data.draw(st.sampled_from([0, *range(1, kw["depth"])]))
+    mpvg = build({**kw, "pe": "mpvg", "last_pe": k})
+    trace = {}
+    mpvg.forward_features(images(mpvg), trace=trace)
+    pos_k = mpvg.pos_embed if k == 0 else trace["pos"][k]
+    norm_pe = mpvg.norm_pe
+    c = F.layer_norm(pos_k, (kw["dim"],), norm_pe.weight, norm_pe.bias, kw["norm_eps"]).mean(dim=1)[0]
+    pvg = copy_into({**kw, "pe": "pvg"}, mpvg, drop=("norm_pe.weight", "norm_pe.bias"))
+    with torch.no_grad():
+        pvg.head.bias.add_(pvg.head.weight @ c)
+    img = images(mpvg, 3)
+    torch.testing.assert_close(mpvg(img), pvg(img), rtol=1e-12, atol=1e-12)
+
+
+def permute_patches(img, perm, p):
+    g = img.shape[-1] // p
+    patches = rearrange(img, "b c (h p1) (w p2) -> b (h w) c p1 p2", p1=p, p2=p)
+    return rearrange(patches[:, perm], "b (h w) c p1 p2 -> b c (h p1) (w p2)", h=g, w=g)
+
+
+@given(configs(), st.data())
+def test_gap_is_blind_to_patch_order_exactly_when_no_pe_reaches_the_tokens(kw, data):
+    """Self-attention is permutation-equivariant and GAP invariant; PE (Eq. 1/8 or 6/9) breaks that.
+
+    PE at the Last LN alone (Eq. 11) adds the same vector to every image's pooled tokens, so it
+    leaves a GAP model blind to patch order: the NOTES.md equivalence seen from another side.
+    """
+    model = build(kw)
+    cfg = model.cfg
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    assume(cfg.pool == "gap" and n >= 2)
+    perm = data.draw(st.permutations(range(n)))
+    assume(perm != list(range(n)))
+    img = images(model)
+    moved = model(permute_patches(img, perm, cfg.patch_size))
+    pe_in_tokens = cfg.pe_input or bool(receiving_layers(cfg.pe_layers, cfg.depth))
+    if pe_in_tokens:
+        assert not torch.allclose(model(img), moved, rtol=1e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(model(img), moved, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts, Tables 1 and 2
+
+EXACT = {  # NOTES.md: timm 1.0 for default, by hand for the rest
+    "deit_tiny": dict(default=5_717_416, lape=5_722_024, pvg=5_721_256, mpvg=5_721_640),
+    "deit_small": dict(default=22_050_664, lape=22_059_880, pvg=22_058_344, mpvg=22_059_112),
+    "deit_base": dict(default=86_567_656, lape=86_586_088, pvg=86_583_016, mpvg=86_584_552),
+    "vit_lite_7_4": dict(default=3_740_004, lape=3_743_588, pvg=3_742_564, mpvg=3_743_076),
+}
+PAPER = {  # Table 1 (DeiT) and Table 2 (ViT-Lite), millions as printed
+    "deit_tiny": dict(default="5.717", lape="5.721", pvg="5.721", mpvg="5.721"),
+    "deit_small": dict(default="22.050", lape="22.059", pvg="22.058", mpvg="22.059"),
+    "deit_base": dict(default="86.567", lape="86.586", pvg="86.583", mpvg="86.584"),
+    "vit_lite_7_4": dict(default="3.740", lape="3.744", pvg="3.742", mpvg="3.743"),
+}
+LAPE_MISMATCH = {
+    "deit_tiny": "Table 1 prints 5.721 for LaPE, which is LaPE with GAP (5,721,640); LaPE with a class "
+    "token, as published, has 5,722,024",
+    "vit_lite_7_4": "Table 2 prints 3.744 for LaPE; LaPE has 3,743,588 with a class token and 3,743,076 "
+    "with GAP: no consistent configuration gives 3.744",
+}
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def truncated_millions(n):
+    return f"{n // 1000 / 1000:.3f}"  # the paper truncates to 3 decimals (every non-LaPE row fits)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("mode", MODES)
+def test_parameter_counts_are_exact(preset, mode):
+    assert count(create_model(preset, pe=mode)) == EXACT[preset][mode]
+
+
+@pytest.mark.parametrize(
+    "preset, mode",
+    [
+        pytest.param(p, m, marks=pytest.mark.xfail(strict=True, reason=LAPE_MISMATCH[p]))
+        if m == "lape" and p in LAPE_MISMATCH
+        else (p, m)
+        for p in PRESETS
+        for m in MODES
+    ],
+)
+def test_parameter_counts_match_tables_1_and_2_as_printed(preset, mode):
+    assert truncated_millions(count(create_model(preset, pe=mode))) == PAPER[preset][mode]
+
+
+# ----------------------------------------------------------------------------------------------
+# timm's DeiT names, so official checkpoints load with strict=True
+
+DEIT_TINY_BLOCK = [  # timm's deit_tiny_patch16_224, block i
+    ("norm1.weight", (192,)),
+    ("norm1.bias", (192,)),
+    ("attn.qkv.weight", (576, 192)),
+    ("attn.qkv.bias", (576,)),
+    ("attn.proj.weight", (192, 192)),
+    ("attn.proj.bias", (192,)),
+    ("norm2.weight", (192,)),
+    ("norm2.bias", (192,)),
+    ("mlp.fc1.weight", (768, 192)),
+    ("mlp.fc1.bias", (768,)),
+    ("mlp.fc2.weight", (192, 768)),
+    ("mlp.fc2.bias", (192,)),
+]
+DEIT_TINY = {
+    "cls_token": (1, 1, 192),
+    "pos_embed": (1, 197, 192),
+    "patch_embed.proj.weight": (192, 3, 16, 16),
+    "patch_embed.proj.bias": (192,),
+    **{f"blocks.{i}.{name}": shape for i in range(12) for name, shape in DEIT_TINY_BLOCK},
+    "norm.weight": (192,),
+    "norm.bias": (192,),
+    "head.weight": (1000, 192),
+    "head.bias": (1000,),
+}
+
+
+def shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_deit_names_and_shapes_equal_timms():
+    assert shapes(create_model("deit_tiny")) == DEIT_TINY
+    gap = {k: v for k, v in DEIT_TINY.items() if k != "cls_token"} | {"pos_embed": (1, 196, 192)}
+    assert shapes(create_model("deit_tiny", pool="gap")) == gap  # timm: class_token=False, global_pool="avg"
+
+
+def test_pe_norm_names_follow_lape():
+    names = set(create_model("deit_tiny", pe="mpvg").state_dict())
+    assert {f"blocks.{i}.pe_norm.weight" for i in range(1, 12)} <= names
+    assert "blocks.0.pe_norm.weight" not in names and "norm_pe.weight" in names
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_timm_deit_checkpoint_gives_the_same_logits(pool):
+    """Runs where timm is installed (it is not a dependency)."""
+    timm = pytest.importorskip("timm")
+    kw = {} if pool == "cls" else dict(class_token=False, global_pool="avg", fc_norm=False)
+    theirs = timm.create_model("deit_tiny_patch16_224", **kw).eval()
+    randomise(theirs)
+    ours = create_model("deit_tiny", pool=pool).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    img = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(img), theirs(img), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input gets a clear error
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(img_size=30, patch_size=16), "img_size 30 is not divisible by patch_size 16"),
+        (dict(dim=100, heads=3), "dim 100 is not divisible by heads 3"),
+        (dict(pe="rope"), "unknown pe mode 'rope'"),
+        (dict(pool="max"), "unknown pool 'max'"),
+        (dict(pe_layers="some"), "unknown pe_layers 'some'"),
+        (dict(pe_input="yes"), "pe_input must be True or False"),
+        (dict(pe="mpvg", last_pe=12), r"last_pe must be None or a layer index 0..11"),
+        (dict(pe="mpvg", last_pe=-1), r"last_pe must be None or a layer index 0..11"),
+        (dict(pe="default", pool="gap", last_pe=3), "layer 3 receives no PE"),
+        (dict(pe="mpvg", pool="cls"), "incompatible with the class token"),
+        (dict(depth=0), "depth must be a positive integer"),
+        (dict(drop_path=1.0), r"drop_path must be in \[0, 1\)"),
+        (dict(colour=True), "unknown model option"),
+    ],
+)
+def test_bad_configuration_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model("deit_tiny", **kwargs)
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model preset 'deit_huge': choose one of deit_tiny"):
+        create_model("deit_huge")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 32, 32), (2, 1, 224, 224), (3, 224, 224), (2, 3, 224, 200)])
+def test_wrong_input_shape_is_a_clear_error(shape):
+    model = create_model("deit_tiny", depth=1)
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got"):
+        model(torch.zeros(shape))
