@@ -135,7 +135,7 @@ class Config:
 
     @property
     def has_pos_embed(self) -> bool:
-        return self.pe_input or self.pe_layers != "none" or self.last_pe is not None
+        return self.pe_input or bool(self.pe_layer_ids) or self.last_pe is not None
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -504,3 +504,204 @@ def test_wrong_input_shape_is_a_clear_error(shape):
     model = create_model("deit_tiny", depth=1)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got"):
         model(torch.zeros(shape))
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: a run end to end, DDP equals one process, resume equals no stop, real on-disk formats
+
+import json  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import train  # noqa: E402
+
+TINY = [  # a model and data small enough for a CPU test, with every augmentation of the recipe on
+    "--data", "synthetic", "--synthetic-size", "64", "--model", "vit_lite_7_4", "--img-size", "16",
+    "--dim", "32", "--depth", "2", "--heads", "2", "--batch-size", "16", "--workers", "0", "--log-every", "2",
+]  # fmt: skip
+
+
+def run_train(tmp_path, *extra, name="run"):
+    return train.main([*TINY, "--output-dir", str(tmp_path / name), *extra])
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
+    best = run_train(tmp_path, "--epochs", "2", "--pe", "mpvg")
+    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    keys = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_sec", "seconds"}
+    assert all(keys <= set(m) and all(math.isfinite(m[k]) for k in keys) for m in lines)
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["model_config"]["pe"] == "mpvg" and ckpt["model_config"]["dim"] == 32
+    model = create_model("vit_lite_7_4", **{k: v for k, v in ckpt["model_config"].items()})
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert (tmp_path / "run/best.pt").is_file() and best["epoch"] in (1, 2)
+    evaluated = run_train(tmp_path, "--eval-only", "--resume", str(tmp_path / "run/best.pt"))
+    assert evaluated["val_top1"] == pytest.approx(best["val_top1"])
+
+
+def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Bit for bit on a CPU: model, optimizer, schedule, RNG and data order all continue exactly."""
+    run_train(tmp_path, "--epochs", "3", name="straight")
+    save = train.save_checkpoint
+
+    def crash_after_epoch_2(path, state):
+        save(path, state)
+        if state["epoch"] == 1 and path.name == "checkpoint.pt":
+            raise KeyboardInterrupt  # the run dies here
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, "--epochs", "3", name="stopped")
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    run_train(tmp_path, "--epochs", "3", "--resume", "auto", name="stopped")
+    a, b = weights(tmp_path / "straight/checkpoint.pt"), weights(tmp_path / "stopped/checkpoint.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "stopped/metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path):
+    """DDP with gloo: the batch split over 2 ranks gives the weights of one process (per-sample
+    augmentation is seeded by image and epoch; Mixup/CutMix and drop path, batch-level, are off)."""
+    flags = [*TINY, "--epochs", "2", "--mixup", "0", "--cutmix", "0", "--drop-path", "0", "--attn-drop", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, "train.py", *flags, "--output-dir", str(tmp_path / "ddp")],
+        cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    train.main([*flags, "--output-dir", str(tmp_path / "one")])
+    a, b = weights(tmp_path / "ddp/checkpoint.pt"), weights(tmp_path / "one/checkpoint.pt")
+    assert not torch.equal(
+        a["head.weight"], create_model("vit_lite_7_4", dim=32, depth=2, heads=2).head.weight
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def write_cifar100(root: Path, n_train=48, n_test=16):
+    """A tiny CIFAR-100 in the real cifar-100-python pickle layout."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for name, n in (("train", n_train), ("test", n_test)):
+        entry = {  # Python 2 str keys, which torchvision reads back with encoding="latin1"
+            "data": torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=g).numpy(),
+            "fine_labels": torch.randint(100, (n,), generator=g).tolist(),
+            "coarse_labels": torch.randint(20, (n,), generator=g).tolist(),
+            "filenames": [f"{name}_{i}.png" for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    meta = {"fine_label_names": [f"class{i}" for i in range(100)], "coarse_label_names": []}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
+def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
+    import torchvision
+
+    write_cifar100(tmp_path / "data")
+    # a tiny file cannot have the real archive's md5; everything after that check is torchvision's own
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)
+    )
+    args = train.parse_args(["--data", "cifar100", "--data-path", str(tmp_path / "data")])
+    train_set, val_set, classes = train.build_datasets(args, 32, synthetic_classes=0)
+    assert (len(train_set), len(val_set), classes) == (48, 16, 100)
+    img, label = train_set[0]
+    assert img.size == (32, 32) and 0 <= label < 100
+    flags = ["--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"), "--epochs", "1"]
+    small = ["--dim", "32", "--depth", "1", "--heads", "2", "--batch-size", "16", "--workers", "0"]
+    train.main(["--data", "cifar100", *flags, *small])
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["model_config"]["num_classes"] == 100
+
+
+def test_image_folder_loads_jpegs_and_counts_classes(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in ("cat", "dog", "emu"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.jpg")
+    flags = ["--data", "imagenet", "--data-path", str(tmp_path), "--output-dir", str(tmp_path / "run")]
+    small = ["--model", "deit_tiny", "--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "1"]
+    train.main([*flags, *small, "--heads", "2", "--batch-size", "8", "--workers", "0", "--epochs", "1"])
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert ckpt["model_config"]["num_classes"] == 3 and ckpt["args"]["recipe"] == "deit"
+
+
+def test_training_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_train(tmp_path, "--epochs", "1")
+    good = (tmp_path / "run/checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit, match="training loss became nan.*last good checkpoint.*untouched"):
+        run_train(
+            tmp_path,
+            "--epochs",
+            "3",
+            "--resume",
+            "auto",
+            "--lr",
+            "1e38",
+            "--warmup-epochs",
+            "0",
+            "--cooldown-epochs",
+            "0",
+        )
+    assert (tmp_path / "run/checkpoint.pt").read_bytes() == good
+
+
+def test_train_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match=r"--data imagenet expects .*nowhere/train/"):
+        train.main(["--data", "imagenet", "--data-path", str(tmp_path / "nowhere")])
+    for flag, value in (("--model", "deit_huge"), ("--pe", "rope")):
+        with pytest.raises(SystemExit):
+            train.main([*TINY, flag, value])
+        assert f"invalid choice: '{value}'" in capsys.readouterr().err
+    run_train(tmp_path, "--epochs", "1", "--pe", "mpvg")
+    with pytest.raises(SystemExit, match="pe='mpvg' there but 'lape' here.*another --output-dir"):
+        run_train(tmp_path, "--epochs", "2", "--pe", "lape", "--resume", "auto")
+    with pytest.raises(SystemExit, match="dim=32 there but 48 here"):
+        run_train(tmp_path, "--epochs", "2", "--dim", "48", "--resume", "auto")
+    ckpt = tmp_path / "run/checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(SystemExit, match="cannot read checkpoint .* truncated or corrupt"):
+        run_train(tmp_path, "--epochs", "2", "--resume", str(ckpt))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        run_train(tmp_path, "--eval-only", "--resume", str(tmp_path / "missing.pt"))
+    with pytest.raises(SystemExit, match="--eval-only needs --resume"):
+        run_train(tmp_path, "--eval-only")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="--batch-size 15 is not divisible by the 2 processes"):
+        run_train(tmp_path, "--batch-size", "15")
+
+
+def test_cifar100_offline_names_the_way_out(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "download", offline)
+    with pytest.raises(SystemExit, match="could not load CIFAR-100 under --data-path .*--data synthetic"):
+        train.main(["--data", "cifar100", "--data-path", str(tmp_path)])
+
+
+def test_lr_schedule_is_timms_per_epoch_cosine():
+    args = train.parse_args(["--recipe", "cifar"])
+    assert train.lr_at(0, args) == 1e-6 and train.lr_at(10, args) == pytest.approx(
+        6e-4 * 0.5 * (1 + math.cos(math.pi / 30)) + 1e-5 * 0.5 * (1 - math.cos(math.pi / 30))
+    )
+    assert train.lr_at(300, args) == train.lr_at(309, args) == 1e-5  # 10 cooldown epochs at min_lr
+    deit = train.parse_args(["--recipe", "deit", "--batch-size", "1024"])
+    assert train.peak_lr(deit) == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
