@@ -307,3 +307,46 @@ def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
             f"unknown model option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
         )
     return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's correlation coefficient over all entries of two tensors of one shape."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+@torch.no_grad()
+def analyse(model: VisionTransformer, images: torch.Tensor) -> dict:
+    """What the paper's analysis reads, from one traced forward over a batch of images.
+
+    fig2_tokens[l], fig2_pos[l]: LN_l(x_l) averaged over the batch, and the PE layer l received
+        (both after their LayerNorms, as they enter the MSA), (N, D) each; pos None where none.
+    fig4_correlation[l]: Pearson's r between those two heatmaps (Figs. 2b and 4); None without PE.
+    last_ln: the Last LN's beta and gamma variances (population) and the cosine similarity of the
+        pooled representation (class token, or token mean) before and after it, Eq. (11) included,
+        each averaged over the batch first (Appendix, Fig. 6).
+    fig7_norms_pre, fig7_norms_post: per-patch-token L2 norms before and after the Last LN,
+        (B, H/P, W/P) (Appendix, Fig. 7).
+    """
+    model.eval()
+    trace = {}
+    model.forward_features(images, trace=trace)
+    tokens = [block.norm1(x).mean(dim=0) for block, x in zip(model.blocks, trace["tokens"])]
+    pos = [None if p is None else p[0] for p in trace["pos"]]
+    pre, post = trace["pre_norm"], trace["post_norm"]
+    pooled = (lambda t: t[:, 0]) if model.cfg.pool == "cls" else (lambda t: t.mean(dim=1))
+    grid = model.cfg.img_size // model.cfg.patch_size
+    patch_norms = lambda t: t[:, t.shape[1] - grid * grid :].norm(dim=-1).unflatten(1, (grid, grid))  # noqa: E731
+    return dict(
+        fig2_tokens=tokens,
+        fig2_pos=pos,
+        fig4_correlation=[None if p is None else pearson(t, p) for t, p in zip(tokens, pos)],
+        last_ln=dict(
+            beta_var=float(model.norm.bias.var(unbiased=False)),
+            gamma_var=float(model.norm.weight.var(unbiased=False)),
+            cosine=float(F.cosine_similarity(pooled(pre).mean(dim=0), pooled(post).mean(dim=0), dim=0)),
+        ),
+        fig7_norms_pre=patch_norms(pre),
+        fig7_norms_post=patch_norms(post),
+    )

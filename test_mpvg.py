@@ -705,3 +705,137 @@ def test_lr_schedule_is_timms_per_epoch_cosine():
     assert train.lr_at(300, args) == train.lr_at(309, args) == 1e-5  # 10 cooldown epochs at min_lr
     deit = train.parse_args(["--recipe", "deit", "--batch-size", "1024"])
     assert train.peak_lr(deit) == pytest.approx(1e-3)  # 5e-4 x 1024 / 512
+
+
+@pytest.mark.parametrize("mode", list(PE_MODES))
+def test_torch_compile_traces_every_pe_mode_in_one_graph(mode):
+    """fullgraph=True: no graph break in any PE mode, and the traced forward/backward equal eager's."""
+    torch._dynamo.reset()
+    model = randomise(create_model("deit_tiny", pe=mode, img_size=16, patch_size=4, dim=16, heads=2, depth=2))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    img = torch.randn(2, 3, 16, 16)
+    eager = model(img)
+    eager.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    traced = compiled(img)
+    traced.sum().backward()
+    torch.testing.assert_close(traced, eager)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_benchmark_prints_every_mode_and_the_data_loader(tmp_path, capsys):
+    rows = train.main(
+        [*TINY, "--benchmark", "--bench-steps", "1", "--bench-rounds", "1", "--bench-warmup", "1"]
+    )
+    assert {f"mpvg.py {m}" for m in MODES} | {"data loader"} <= set(rows)
+    assert all(r["images_per_sec"] > 0 for r in rows.values())
+    out = capsys.readouterr().out
+    assert "img/s" in out and "ms/step" in out and "data loader alone" in out
+
+
+def test_flops_count_matches_a_hand_count():
+    """DeiT-S forward: 4.6 GFLOPs as usually quoted (fvcore counts a multiply-add as one: 4.6 GMACs)."""
+    cfg = create_model("deit_small").cfg
+    assert train.flops_per_image(cfg) / 2 == pytest.approx(4.6e9, rel=0.01)
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's analysis: each statistic on a case whose answer is known, or read by another path
+
+from mpvg import analyse, pearson  # noqa: E402
+
+
+@given(st.integers(2, 50), st.floats(0.1, 10), st.floats(-5, 5), st.integers(0, 2**16))
+def test_pearson_of_a_tensor_with_itself_its_negation_and_an_affine_copy(n, scale, shift, seed):
+    x = torch.randn(n, 3, generator=torch.Generator().manual_seed(seed))
+    assert pearson(x, x) == pytest.approx(1.0, abs=1e-9)
+    assert pearson(x, -x) == pytest.approx(-1.0, abs=1e-9)
+    assert pearson(x, scale * x + shift) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_last_ln_variances_of_a_fresh_model_are_zero():
+    """A fresh LayerNorm has beta = 0 and gamma = 1: both variances are exactly 0 (Appendix)."""
+    model = create_model("deit_tiny", pe="mpvg", img_size=16, patch_size=4, dim=16, heads=2, depth=2)
+    stats = analyse(model, torch.randn(3, 3, 16, 16))
+    assert stats["last_ln"]["beta_var"] == 0.0 and stats["last_ln"]["gamma_var"] == 0.0
+
+
+@given(configs(), st.integers(1, 3))
+def test_analysis_reads_what_the_forward_computes(kw, batch):
+    """Figs. 2, 4, 7 and the Appendix's cosine, against forward hooks (another path than the trace)."""
+    model = build(kw)
+    cfg = model.cfg
+    seen = {}
+
+    def keep(name):
+        return lambda module, inputs, output: seen.__setitem__(name, (inputs[0], output))
+
+    hooks = [b.norm1.register_forward_hook(keep(f"norm1.{l}")) for l, b in enumerate(model.blocks)]
+    hooks += [
+        b.pe_norm.register_forward_hook(keep(f"pe.{l}")) for l, b in enumerate(model.blocks) if b.pe_norm
+    ]
+    hooks.append(model.norm.register_forward_hook(keep("norm")))
+    img = images(model, batch)
+    stats = analyse(model, img)
+    for h in hooks:
+        h.remove()
+    for l in range(cfg.depth):
+        torch.testing.assert_close(stats["fig2_tokens"][l], seen[f"norm1.{l}"][1].mean(dim=0))
+        if f"pe.{l}" in seen:
+            torch.testing.assert_close(stats["fig2_pos"][l], seen[f"pe.{l}"][1][0])
+            assert stats["fig4_correlation"][l] == pytest.approx(
+                pearson(stats["fig2_tokens"][l], stats["fig2_pos"][l])
+            )
+        else:
+            assert stats["fig2_pos"][l] is None and stats["fig4_correlation"][l] is None
+    before, _ = seen["norm"]
+    pool = (lambda t: t[:, 0]) if cfg.pool == "cls" else (lambda t: t.mean(1))
+    with torch.no_grad():
+        after = model.forward_features(img)  # y after the Last LN, Eq. (11) included: what the head pools
+    cosine = F.cosine_similarity(pool(before).mean(0), pool(after).mean(0), dim=0)
+    assert stats["last_ln"]["cosine"] == pytest.approx(float(cosine), abs=1e-9)
+    g = cfg.img_size // cfg.patch_size
+    n = g * g
+    torch.testing.assert_close(stats["fig7_norms_pre"], before[:, -n:].norm(dim=-1).reshape(batch, g, g))
+    assert stats["fig7_norms_post"].shape == (batch, g, g)
+
+
+def test_analyze_command_writes_figures_and_json(tmp_path):
+    out = tmp_path / "analysis"
+    tiny = ["--model", "vit_lite_7_4", "--img-size", "16", "--dim", "32", "--depth", "3", "--heads", "2"]
+    train.main(["--analyze", *tiny, "--pe", "lape", "--analyze-images", "8", "--output-dir", str(out)])
+    names = {
+        "fig2_heatmaps.png",
+        "fig4_correlation.png",
+        "fig6_last_ln.png",
+        "fig7_token_norms.png",
+        "analysis.json",
+    }
+    assert names <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "analysis.json").read_text())
+    assert report["last_ln"]["beta_var"] == 0.0  # a new model: fresh Last LN
+    assert len(report["fig4_correlation"]) == 3 and all(r is not None for r in report["fig4_correlation"])
+    for l in range(3):  # every number in the file agrees with the heatmaps it also holds
+        r = pearson(torch.tensor(report["fig2_tokens"][l]), torch.tensor(report["fig2_pos"][l]))
+        assert r == pytest.approx(report["fig4_correlation"][l], abs=1e-3)
+
+
+def test_workshop_prints_its_table(capsys):
+    args = train.parse_args(["--workshop"])
+    rows = train.workshop(args, torch.device("cpu"), epochs=1, train_size=128, val_size=64)
+    assert [(r["pe"], r["pool"]) for r in rows] == train.WORKSHOP_MODELS
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_where_is_the_plus_labels_the_cell_of_the_plus_centre():
+    data = train.WhereIsThePlus(64, seed=3)
+    for img, label in (data[i] for i in range(64)):
+        bright = (img[0] * 0.5 + 0.75) > 1.0  # the marks add 1 to noise below 0.5
+        plus = torch.nn.functional.conv2d(bright[None, None].float(), train.WhereIsThePlus.PLUS[None, None])[
+            0, 0
+        ]
+        square = torch.nn.functional.conv2d(bright[None, None].float(), torch.ones(1, 1, 3, 3))[0, 0]
+        ys, xs = torch.nonzero((plus == 5) & (square < 9), as_tuple=True)
+        assert any((y + 1) // 4 * 4 + (x + 1) // 4 == label for y, x in zip(ys.tolist(), xs.tolist()))
