@@ -839,3 +839,107 @@ def test_where_is_the_plus_labels_the_cell_of_the_plus_centre():
         square = torch.nn.functional.conv2d(bright[None, None].float(), torch.ones(1, 1, 3, 3))[0, 0]
         ys, xs = torch.nonzero((plus == 5) & (square < 9), as_tuple=True)
         assert any((y + 1) // 4 * 4 + (x + 1) // 4 == label for y, x in zip(ys.tolist(), xs.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched device data path (CIFAR-100 on a GPU), checked on a CPU against the per-image path
+
+
+def cifar_args(*extra):
+    return train.parse_args(["--recipe", "cifar", *extra])
+
+
+def fixed_image(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 255, 32)[None, :].expand(32, 32)
+    return (
+        (ramp[None] * torch.tensor([1.0, 0.6, 0.2])[:, None, None] + 40 * torch.rand(3, 32, 32, generator=g))
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
+
+
+def test_batch_augment_draws_its_parameters_per_sample():
+    """Each image of one batch gets its own crop, flip, RandAugment ops and signs, and erasing."""
+    augment = train.BatchAugment(cifar_args(), 32)
+    out = augment(fixed_image().repeat(512, 1, 1, 1), torch.Generator().manual_seed(0))
+    p = augment.last
+    assert len({tuple(b) for b in p["crop"].tolist()}) > 100
+    assert 200 < int(p["flip"].sum()) < 312
+    for op, negative in zip(p["ops"], p["negative"]):
+        assert set(op.tolist()) == set(range(14)) and 200 < int(negative.sum()) < 312
+    assert 80 < int(p["erase"].sum()) < 180  # p = 0.25, minus the rare boxes that fit no try
+    assert len({hash(o.numpy().tobytes()) for o in out}) > 500
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_batch_augment_ops_and_magnitudes_are_torchvisions(sign):
+    """Our RandAugment table and ops against torchvision's own (its private per-image method)."""
+    from torchvision.transforms import v2
+
+    ra = v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for name, magnitude, signed in train.rand_augment_space(9, 11, 32, 32):
+        magnitudes_fn, their_signed = ra._AUGMENTATION_SPACE[name]
+        theirs = magnitudes_fn(11, 32, 32)
+        assert signed == their_signed and magnitude == (0.0 if theirs is None else float(theirs[9])), name
+        m = sign * magnitude if signed else magnitude
+        expected = torch.stack(
+            [
+                ra._apply_image_or_video_transform(
+                    img, name, m, interpolation=ra.interpolation, fill=ra._fill
+                )
+                for img in x
+            ]
+        )
+        assert torch.equal(train.rand_augment_op(x.clone(), name, m), expected), name
+
+
+def test_batched_resized_crops_equal_torchvisions_per_image():
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    top, left, h, w, _ = train.sample_boxes(64, 32, 32, (0.8, 1.0), (3 / 4, 4 / 3), g, "center")
+    ours = train.resized_crops(x, top, left, h, w, 32)
+    for i in range(64):
+        theirs = TF.resized_crop(
+            x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], InterpolationMode.BILINEAR
+        )
+        assert (ours[i].int() - theirs.int()).abs().max() <= 1  # uint8 rounding of the same bilinear weights
+
+
+def ks_statistic(a, b):
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda s: torch.searchsorted(s.sort().values, grid, right=True) / len(s)  # noqa: E731
+    return float((cdf(a) - cdf(b)).abs().max())
+
+
+@pytest.mark.parametrize("recipe_flags", [[], ["--randaug-magnitude", "5", "--reprob", "0.5"]])
+def test_batched_and_per_image_paths_give_one_distribution(recipe_flags):
+    """On a fixed input, 2000 outputs of each path: every summary statistic passes a two-sample KS test
+    (critical value about 0.062 at alpha = 0.001 for 2000 + 2000 samples)."""
+    args, n = cifar_args(*recipe_flags), 2000
+    img = fixed_image()
+    per_image, _ = train.build_transforms(args, 32)
+    slow = []
+    for i in range(n):
+        torch.manual_seed(i)
+        slow.append(per_image(img))
+    slow = torch.stack(slow)
+    fast = train.BatchAugment(args, 32)(img.repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
+
+    def summaries(x):
+        return {
+            "mean": x.mean((1, 2, 3)),
+            "std": x.std((1, 2, 3)),
+            "left - right": x[..., :16].mean((1, 2, 3)) - x[..., 16:].mean((1, 2, 3)),
+            "red - blue": (x[:, 0] - x[:, 2]).mean((1, 2)),
+            "corner pixel": x[:, 1, 0, 0],
+            "centre pixel": x[:, 0, 16, 16],
+        }
+
+    for name, (a, b) in {k: (v, summaries(fast)[k]) for k, v in summaries(slow).items()}.items():
+        assert ks_statistic(a, b) < 0.062, name

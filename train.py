@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
     g.add_argument("--synthetic-size", type=int, default=2560, help="training images of --data synthetic")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per rank")
+    g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
+                   help="hold the data set on the device as uint8 and augment whole batches there "
+                        "(cifar recipe; auto: on for cifar100 on CUDA)")  # fmt: skip
     g = p.add_argument_group("model (unset: the preset's value, or the checkpoint's on --resume)")
     g.add_argument("--model", choices=list(PRESETS), default=None, help="preset [from --recipe]")
     g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
@@ -497,14 +500,24 @@ def check_finite(loss: float, epoch: int, step: int | None, args):
         )
 
 
-def make_loaders(args, train_set, val_set, per_rank: int, device):
+def make_loaders(args, train_set, val_set, img_size: int, per_rank: int, device):
+    """Training and validation loaders: DataLoader workers by default; with --device-data, the whole
+    set as uint8 on the device and the augmentations batched there (the cifar recipe)."""
     rank, world = args.rank, args.world
+    train_tf, val_tf = build_transforms(args, img_size)
     if args.repeated_aug > 1 and world > 1:
         sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.seed)
     else:
         sampler = EpochSampler(
             train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
         )
+    if use_device_data(args, device):
+        augment = BatchAugment(args, img_size)
+        train = DeviceLoader(*as_tensors(train_set, device), sampler, per_rank, augment, args.seed)
+        shard = list(range(rank, len(val_set), world))
+        val = DeviceLoader(*as_tensors(val_set, device), shard, per_rank, val_tf, args.seed, drop_last=False)
+        return train, val, sampler
+    train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
     workers = dict(
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
@@ -567,15 +580,13 @@ def run(args, device):
     if ckpt and num_classes != cfg.num_classes:
         fail(f"the checkpoint has {cfg.num_classes} classes but this data set has {num_classes}")
     cfg = replace(cfg, num_classes=num_classes)
-    train_tf, val_tf = build_transforms(args, cfg.img_size)
-    train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
     per_rank = args.batch_size // args.world
 
     model = VisionTransformer(cfg).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     compiled = torch.compile(model) if args.compile else model
-    train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, per_rank, device)
+    train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
 
     if args.eval_only:
         metrics = evaluate(compiled, val_loader, device, amp)
@@ -763,23 +774,19 @@ def benchmark(args, device):
 
 def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     """Images/s that the training loader delivers with the recipe's augmentations, model aside."""
-    train_set, _, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
-    train_tf, _ = build_transforms(args, cfg.img_size)
+    train_set, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
     args.rank, args.world = getattr(args, "rank", 0), getattr(args, "world", 1)
-    loader, _, sampler = make_loaders(
-        args, Augmented(train_set, train_tf, args.seed), train_set, args.batch_size, device
-    )
+    loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
     it = iter(loader)
-    next(it)  # workers start
+    next(it)  # workers start, or the data set moves to the device
     start, seen = time.perf_counter(), 0
     for _, (img, _) in zip(range(batches), it):
         seen += len(img.to(device, non_blocking=True))
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = seen / (time.perf_counter() - start)
-    print(
-        f"data loader alone: {rate:.0f} img/s ({args.data}, {args.recipe} recipe augmentations, {args.workers} workers)"
-    )
+    how = "on the device, batched" if use_device_data(args, device) else f"{args.workers} workers"
+    print(f"data loader alone: {rate:.0f} img/s ({args.data}, {args.recipe} recipe augmentations, {how})")
     return rate
 
 
@@ -1007,6 +1014,210 @@ def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: i
         print(f"{row['pe']:<9}{row['pool']:<6}{row['params']:>8,}{row['top1']:>7.1f}%  {r:<34}"
               f"{row['beta_var']:>9.4f}{row['seconds']:>5.0f}")  # fmt: skip
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-100 on the device: the whole set as uint8, the recipe's augmentations run on whole batches
+
+
+def sample_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generator, fallback: str):
+    """torchvision's box sampling (RandomResizedCrop, RandomErasing) for n images at once: 10 tries
+    each of an area fraction and a log-uniform aspect ratio, the first that fits. Returns top, left,
+    h, w (n,) and whether a try fitted; `fallback` is "center" (crop) or "none" (erasing)."""
+    area = height * width * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=g)
+    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    aspect = torch.exp(log_r)
+    if fallback == "center":  # RandomResizedCrop: w from area * ratio, must fit inclusive
+        w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    else:  # RandomErasing: h from area * ratio, must be strictly smaller
+        h, w = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
+        fits = (h < height) & (w < width)
+    found = fits.any(dim=1)
+    first = fits.long().argmax(dim=1)
+    h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
+    if fallback == "center":
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            cw, ch = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            cw, ch = int(round(height * max(ratio))), height
+        else:
+            cw, ch = width, height
+        h, w = torch.where(found, h, ch), torch.where(found, w, cw)
+    top = (torch.rand(n, generator=g) * (height - h + 1).clamp(min=1)).long()
+    left = (torch.rand(n, generator=g) * (width - w + 1).clamp(min=1)).long()
+    if fallback == "center":
+        top, left = torch.where(found, top, (height - h) // 2), torch.where(found, left, (width - w) // 2)
+    return top, left, h, w, found
+
+
+def resized_crops(x: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
+    """Each image's own crop, resized bilinearly to size x size (as F.resized_crop, upsampling)."""
+    n, _, height, width = x.shape
+    steps = (torch.arange(size, device=x.device) + 0.5) / size
+
+    def axis(start, length, extent):  # interpolate's source pixels, clamped to the crop's edges
+        start, length = (
+            start.to(x.device, torch.float32)[:, None],
+            length.to(x.device, torch.float32)[:, None],
+        )
+        src = torch.maximum(torch.minimum(start + steps * length - 0.5, start + length - 1), start)
+        return (src + 0.5) / extent * 2 - 1  # grid_sample's coordinates, align_corners=False
+
+    gy, gx = axis(top, h, height), axis(left, w, width)
+    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def rand_augment_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
+    """One RandAugment operation on a uint8 batch, with torchvision's own conventions."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    nearest = InterpolationMode.NEAREST
+    if op in ("ShearX", "ShearY"):
+        shear = math.degrees(math.atan(magnitude))
+        shear = [shear, 0.0] if op == "ShearX" else [0.0, shear]
+        return TF.affine(
+            x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, center=[0, 0]
+        )
+    if op in ("TranslateX", "TranslateY"):
+        shift = [int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)]
+        return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=nearest)
+    ops = {
+        "Identity": lambda: x,
+        "Rotate": lambda: TF.rotate(x, angle=magnitude, interpolation=nearest),
+        "Brightness": lambda: TF.adjust_brightness(x, 1.0 + magnitude),
+        "Color": lambda: TF.adjust_saturation(x, 1.0 + magnitude),
+        "Contrast": lambda: TF.adjust_contrast(x, 1.0 + magnitude),
+        "Sharpness": lambda: TF.adjust_sharpness(x, 1.0 + magnitude),
+        "Posterize": lambda: TF.posterize(x, bits=int(magnitude)),
+        "Solarize": lambda: TF.solarize(x, threshold=255.0 * magnitude),
+        "AutoContrast": lambda: TF.autocontrast(x),
+        "Equalize": lambda: TF.equalize(x),
+    }
+    return ops[op]()
+
+
+def rand_augment_space(magnitude: int, bins: int, height: int, width: int) -> list:
+    """(name, magnitude, signed) of torchvision's RandAugment at this magnitude bin, computed as it does."""
+
+    def at(start, end):
+        return float(torch.linspace(start, end, bins)[magnitude])
+
+    posterize = float((8 - torch.arange(bins) / ((bins - 1) / 4)).round().int()[magnitude])
+    return [
+        ("Identity", 0.0, False), ("ShearX", at(0, 0.3), True), ("ShearY", at(0, 0.3), True),
+        ("TranslateX", at(0, 150.0 / 331.0 * width), True), ("TranslateY", at(0, 150.0 / 331.0 * height), True),
+        ("Rotate", at(0, 30.0), True), ("Brightness", at(0, 0.9), True), ("Color", at(0, 0.9), True),
+        ("Contrast", at(0, 0.9), True), ("Sharpness", at(0, 0.9), True), ("Posterize", posterize, False),
+        ("Solarize", at(1.0, 0.0), False), ("AutoContrast", 0.0, False), ("Equalize", 0.0, False),
+    ]  # fmt: skip
+
+
+class BatchAugment:
+    """The cifar recipe's per-image augmentations for a whole uint8 batch on its device.
+
+    Every image draws its own crop box, flip, two RandAugment operations with their signs, and
+    erasing box, by torchvision's own rules; torchvision's functionals then run once per group of
+    images that drew the same operation. The same parameters give the per-image path's output.
+    """
+
+    def __init__(self, args, size: int):
+        self.args, self.size = args, size
+        self.mean = torch.tensor(args.mean)[:, None, None]
+        self.std = torch.tensor(args.std)[:, None, None]
+        self.last = {}  # the parameters of the last batch, for tests and the curious
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        a, n, device = self.args, x.shape[0], x.device
+        top, left, h, w, _ = sample_boxes(
+            n, x.shape[2], x.shape[3], (a.crop_scale, 1.0), (3 / 4, 4 / 3), g, "center"
+        )
+        x = resized_crops(x, top, left, h, w, self.size)
+        flip = torch.rand(n, generator=g) < 0.5
+        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        ops, signs = [], []
+        if a.randaug_magnitude > 0:
+            space = rand_augment_space(a.randaug_magnitude, 11, self.size, self.size)
+            for _ in range(2):
+                op = torch.randint(len(space), (n,), generator=g)
+                negative = torch.rand(n, generator=g) <= 0.5
+                ops.append(op), signs.append(negative)
+                for k, (name, magnitude, signed) in enumerate(space):
+                    for neg in (False, True) if signed else (False,):
+                        chosen = torch.nonzero((op == k) & (negative == neg) if signed else op == k)[:, 0].to(
+                            device
+                        )
+                        if len(chosen):
+                            x[chosen] = rand_augment_op(x[chosen], name, -magnitude if neg else magnitude)
+        x = (x.float() / 255 - self.mean.to(device)) / self.std.to(device)
+        erase = torch.rand(n, generator=g) < a.reprob
+        et, el, eh, ew, found = sample_boxes(n, self.size, self.size, (0.02, 0.33), (0.3, 3.3), g, "none")
+        erase &= found
+        if erase.any():
+            rows, cols = torch.arange(self.size)[None, :], torch.arange(self.size)[None, :]
+            inside_r = (rows >= et[:, None]) & (rows < (et + eh)[:, None])
+            inside_c = (cols >= el[:, None]) & (cols < (el + ew)[:, None])
+            mask = (inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None]).to(device)[:, None]
+            noise = torch.randn(x.shape, generator=g).to(device)
+            x = torch.where(mask, noise, x)
+        self.last = dict(
+            crop=torch.stack([top, left, h, w], 1), flip=flip, ops=ops, negative=signs, erase=erase
+        )
+        return x
+
+
+class DeviceLoader:
+    """A data set held on the device as one uint8 tensor, served in batches augmented there.
+    Batch order comes from the same samplers as the DataLoader path; randomness from (seed, epoch, rank)."""
+
+    def __init__(
+        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last: bool = True
+    ):
+        self.images, self.labels, self.sampler = images, labels, sampler
+        self.batch_size, self.transform, self.seed, self.drop_last = batch_size, transform, seed, drop_last
+
+    def __len__(self):
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (rest > 0 and not self.drop_last)
+
+    def __iter__(self):
+        keys = list(self.sampler)
+        epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
+        index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys])
+        g = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
+        )
+        for b in range(len(self)):
+            chosen = index[b * self.batch_size : (b + 1) * self.batch_size].to(self.images.device)
+            x, y = self.images[chosen], self.labels[chosen]
+            yield (self.transform(x, g) if isinstance(self.transform, BatchAugment) else self.transform(x)), y
+
+
+def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A data set of images and labels as (N, C, H, W) uint8 and (N,) int64 tensors on the device."""
+    if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # torchvision's CIFAR: (N, H, W, C) numpy
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor(dataset.targets)
+    else:
+        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
+        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+    return images.to(device), labels.to(device)
+
+
+def use_device_data(args, device) -> bool:
+    if args.device_data == "off" or (
+        args.device_data == "auto" and (device.type != "cuda" or args.data != "cifar100")
+    ):
+        return False
+    if args.recipe != "cifar":
+        fail(
+            "--device-data implements the cifar recipe's augmentations; use --device-data off with --recipe deit"
+        )
+    return True
 
 
 def is_plain(value) -> bool:
