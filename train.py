@@ -76,16 +76,23 @@ def layer_or_none(text: str) -> int | str:
     return "none" if text.lower() == "none" else int(text)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one; flags whose default comes from elsewhere say so."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train, evaluate, benchmark or analyse ViT/DeiT with the paper's PE modes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
     def recipe_flag(name, type, help):
         key = name.lstrip("-").replace("-", "_")
         values = ", ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES)
-        p.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]")
+        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip())
 
     g = p.add_argument_group("data")
     g.add_argument(
@@ -113,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--last-pe", type=layer_or_none, default=None, help="k of LN(pos_k), Eq. 11, or none [from --pe]"
     )
     for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
-        g.add_argument(name, type=int, default=None)
+        g.add_argument(name, type=int, default=None, help="[the preset's]")
     g = p.add_argument_group("recipe (--recipe deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite)")
     g.add_argument("--recipe", choices=list(RECIPES), default=None, help="[deit for imagenet, else cifar]")
     recipe_flag("--epochs", int, "epochs in all, cooldown included")
@@ -338,8 +345,9 @@ def model_config(args, saved: dict | None = None) -> Config:
     return Config(**{**saved, **regularisation})
 
 
-def build_optimizer(model: VisionTransformer, args, lr: float, device: torch.device):
-    skip = model.no_weight_decay()
+def build_optimizer(model, args, lr: float, device: torch.device):
+    """AdamW without weight decay on what no_weight_decay() names (timm's ViT too: plus all 1-D)."""
+    skip = set(model.no_weight_decay()) | {n for n, p in model.named_parameters() if p.ndim <= 1}
     groups = [
         dict(
             params=[p for n, p in model.named_parameters() if n not in skip], weight_decay=args.weight_decay
@@ -454,6 +462,17 @@ def evaluate(model, loader, device, amp: bool) -> dict:
     return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
 
 
+def train_step(model, optimizer, img, target, smoothing: float, amp: bool) -> torch.Tensor:
+    """One full training step: forward (bf16 autocast on CUDA), loss, backward, optimizer step."""
+    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(img)
+    loss = soft_cross_entropy(logits, target, smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp, rank) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -469,12 +488,7 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp, 
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixing is not None:
             img, target = mixing(img, target)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(img)
-        loss = soft_cross_entropy(logits, target, args.smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = train_step(model, optimizer, img, target, args.smoothing, amp)
         loss_sum += loss.detach() * len(img)
         seen += len(img) * args.world
         if (step + 1) % args.log_every == 0:  # the only host-device syncs of the loop
@@ -713,17 +727,11 @@ def benchmark(args, device):
     steps, peak_mib = {}, {}
     for name, build in builders.items():  # one at a time, so that each peak is its own
         model = build().to(device)
-        optimizer = build_optimizer(model, args, 1e-4, device) if hasattr(model, "no_weight_decay") else None
-        optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        optimizer = build_optimizer(model, args, 1e-4, device)
         compiled = torch.compile(model) if args.compile else model
 
-        def step(model=compiled, optimizer=optimizer):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(img)
-            loss = soft_cross_entropy(logits, target, args.smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
+            train_step(model, optimizer, img, target, args.smoothing, amp)
 
         held = torch.cuda.memory_allocated(device) if cuda else 0
         if cuda:
