@@ -943,3 +943,11 @@ def test_batched_and_per_image_paths_give_one_distribution(recipe_flags):
 
     for name, (a, b) in {k: (v, summaries(fast)[k]) for k, v in summaries(slow).items()}.items():
         assert ks_statistic(a, b) < 0.062, name
+
+
+def test_where_is_the_plus_commonest_cell_holds_8_percent():
+    """The README's bar for a position-blind model: centres uniform over 1..14 make (4/14)^2 = 8.2%."""
+    counts = torch.bincount(train.WhereIsThePlus(8000, seed=4).labels, minlength=16).double() / 8000
+    assert counts.max() == pytest.approx(16 / 196, abs=0.01) and counts.min() == pytest.approx(
+        9 / 196, abs=0.01
+    )
