@@ -545,6 +545,9 @@ def test_train_synthetic_run_writes_metrics_and_checkpoints(tmp_path):
     assert (tmp_path / "run/best.pt").is_file() and best["epoch"] in (1, 2)
     evaluated = run_train(tmp_path, "--eval-only", "--resume", str(tmp_path / "run/best.pt"))
     assert evaluated["val_top1"] == pytest.approx(best["val_top1"])
+    bare = ["--data", "synthetic", "--synthetic-size", "64", "--batch-size", "16", "--workers", "0"]
+    resumed = train.main([*bare, "--eval-only", "--resume", str(tmp_path / "run/best.pt")])  # no model flags
+    assert resumed["val_top1"] == pytest.approx(best["val_top1"])
 
 
 def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):

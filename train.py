@@ -183,7 +183,7 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
             "deit" if args.data == "imagenet" or (args.data == "synthetic" and deit_model) else "cifar"
         )
     for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key, None) is None:
+        if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
             setattr(args, key, value)
     if args.eval_only and not args.resume:
         fail("--eval-only needs --resume CHECKPOINT")
