@@ -564,7 +564,9 @@ def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path, "--epochs", "3", name="stopped")
     monkeypatch.setattr(train, "save_checkpoint", save)
-    run_train(tmp_path, "--epochs", "3", "--resume", "auto", name="stopped")
+    # resumed as a user would: only --resume; data, recipe and model come from the checkpoint, and
+    # another worker count changes nothing (augmentation is seeded per image, loaders own their RNG)
+    train.main(["--resume", "auto", "--output-dir", str(tmp_path / "stopped"), "--workers", "1"])
     a, b = weights(tmp_path / "straight/checkpoint.pt"), weights(tmp_path / "stopped/checkpoint.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "stopped/metrics.jsonl").read_text().splitlines()]

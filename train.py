@@ -171,7 +171,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--workshop", action="store_true", help="train tiny models of every PE mode on a task that "
                    "only position solves, and compare them (about 5 CPU minutes)")  # fmt: skip
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    given = {
+        a.dest for a in p._actions for o in a.option_strings for x in argv if x == o or x.startswith(o + "=")
+    }
+    args.resume_path, args.resume_state = find_checkpoint(args), None
+    if args.resume_path:  # a resumed run is the same run: what is not given again comes from it
+        args.resume_state = load_checkpoint(args.resume_path)
+        for key, value in args.resume_state["args"].items():
+            if key in INHERITED and key not in given:
+                setattr(args, key, value)
     return resolve_recipe(args)
+
+
+INHERITED = {
+    "data",
+    "data_path",
+    "synthetic_size",
+    "recipe",
+    "seed",
+    *(k for k in RECIPES["deit"] if k != "model"),
+}
+
+
+def find_checkpoint(args) -> Path | None:
+    """--resume PATH, or with auto the newest checkpoint in --output-dir (None: none yet)."""
+    if args.resume == "auto":
+        newest = Path(args.output_dir) / "checkpoint.pt"
+        return newest if newest.is_file() else None
+    return Path(args.resume) if args.resume else None
 
 
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
@@ -185,8 +213,8 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in RECIPES[args.recipe].items():
         if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
             setattr(args, key, value)
-    if args.eval_only and not args.resume:
-        fail("--eval-only needs --resume CHECKPOINT")
+    if args.eval_only and not args.resume_path:
+        fail(f"--eval-only needs --resume CHECKPOINT (with auto: none in {args.output_dir} yet)")
     return args
 
 
@@ -536,6 +564,8 @@ def make_loaders(args, train_set, val_set, img_size: int, per_rank: int, device)
         num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
         prefetch_factor=4 if args.workers > 0 else None,
     )  # fmt: skip
+    # own generators: worker seeds must not draw on the global RNG (dropout, Mixup), whatever --workers is
+    workers["generator"] = torch.Generator().manual_seed(args.seed)
     train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, **workers)
     shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
     val = DataLoader(shard, batch_size=per_rank, shuffle=False, **workers)
@@ -579,15 +609,9 @@ def run(args, device):
     amp = device.type == "cuda"  # bf16 autocast on CUDA, fp32 on a CPU
     out = Path(args.output_dir)
 
-    resume = None
-    if args.resume == "auto":
-        newest = out / "checkpoint.pt"
-        resume = newest if newest.is_file() else None
-        if master and resume is None:
-            print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    elif args.resume:
-        resume = Path(args.resume)
-    ckpt = load_checkpoint(resume) if resume else None
+    resume, ckpt = args.resume_path, args.resume_state
+    if master and args.resume == "auto" and resume is None:
+        print(f"--resume auto: no checkpoint in {out}, starting a new run")
 
     cfg = model_config(args, ckpt["model_config"] if ckpt else None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
