@@ -736,6 +736,11 @@ def test_benchmark_prints_every_mode_and_the_data_loader(tmp_path, capsys):
     )
     assert {f"mpvg.py {m}" for m in MODES} | {"data loader"} <= set(rows)
     assert all(r["images_per_sec"] > 0 for r in rows.values())
+    cfg = dict(
+        img_size=16, patch_size=4, dim=32, depth=2, heads=2, num_classes=100, mlp_ratio=2.0, qkv_bias=False
+    )
+    for m in MODES:  # each row is its mode (the mode's own pooling), not the same model four times
+        assert rows[f"mpvg.py {m}"]["params"] == count(create_model("vit_lite_7_4", pe=m, **cfg))
     out = capsys.readouterr().out
     assert "img/s" in out and "ms/step" in out and "data loader alone" in out
 
@@ -956,3 +961,12 @@ def test_where_is_the_plus_commonest_cell_holds_8_percent():
     assert counts.max() == pytest.approx(16 / 196, abs=0.01) and counts.min() == pytest.approx(
         9 / 196, abs=0.01
     )
+
+
+def test_train_with_the_batched_device_data_path(tmp_path):
+    """--device-data on a CPU: training and validation through DeviceLoader, every val image counted."""
+    best = run_train(tmp_path, "--epochs", "1", "--device-data", "on", "--synthetic-size", "80")
+    line = json.loads((tmp_path / "run/metrics.jsonl").read_text())
+    assert math.isfinite(line["train_loss"]) and math.isfinite(line["val_loss"]) and best["epoch"] == 1
+    assert line["val_loss"] > 1.0  # an empty validation would report 0
+    assert line["val_top1"] * 16 / 100 == pytest.approx(round(line["val_top1"] * 16 / 100))  # 16 val images

@@ -670,6 +670,9 @@ def run(args, device):
             **train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, amp, args.rank),
         )
         metrics.update(evaluate(compiled, val_loader, device, amp), lr=lr)
+        if not all(torch.isfinite(p).all() for p in model.parameters()):  # one sync an epoch
+            fail(f"the weights became non-finite in epoch {epoch + 1}; nothing was saved, so the last good "
+                 f"checkpoint in {args.output_dir} is untouched. Lower --lr, then --resume auto")  # fmt: skip
         is_best = metrics["val_top1"] > best["val_top1"]
         if is_best:
             best = dict(val_top1=metrics["val_top1"], epoch=epoch + 1)
@@ -748,9 +751,10 @@ def benchmark(args, device):
     target = torch.randint(base.num_classes, (batch,), device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    steps, peak_mib = {}, {}
+    steps, peak_mib, params = {}, {}, {}
     for name, build in builders.items():  # one at a time, so that each peak is its own
         model = build().to(device)
+        params[name] = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(model, args, 1e-4, device)
         compiled = torch.compile(model) if args.compile else model
 
@@ -783,14 +787,16 @@ def benchmark(args, device):
     timm_name = next((n for n in steps if n.startswith("timm")), None)
     rows = {}
     print(
-        f"{'model':<22}{'img/s':>10}{'ms/step':>10}{'peak MiB':>10}{'MFU':>8}{'vs timm':>9}{'vs default':>11}"
+        f"{'model':<22}{'params':>12}{'img/s':>10}{'ms/step':>10}{'peak MiB':>10}{'MFU':>8}{'vs timm':>9}{'vs default':>11}"
     )
     for name in steps:
         ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
         rate = batch / ms * 1e3
         cfg = configs.get(name, reference)
         mfu = 3 * flops_per_image(cfg) * rate / (args.peak_tflops * 1e12) if cuda else None
-        rows[name] = dict(images_per_sec=rate, ms_per_step=ms, peak_mib=peak_mib[name], mfu=mfu)
+        rows[name] = dict(
+            params=params[name], images_per_sec=rate, ms_per_step=ms, peak_mib=peak_mib[name], mfu=mfu
+        )
     for name, r in rows.items():
         vs_timm = f"{r['images_per_sec'] / rows[timm_name]['images_per_sec']:.3f}" if timm_name else "-"
         default = rows.get("mpvg.py default")
@@ -798,7 +804,7 @@ def benchmark(args, device):
         memory = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(
-            f"{name:<22}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>10.1f}{memory:>10}{mfu:>8}{vs_timm:>9}{vs_default:>11}"
+            f"{name:<22}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>10.1f}{memory:>10}{mfu:>8}{vs_timm:>9}{vs_default:>11}"
         )
     rows["data loader"] = dict(images_per_sec=time_data_loader(args, base, device))
     return rows
