@@ -673,6 +673,10 @@ def test_train_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit):
             train.main([*TINY, flag, value])
         assert f"invalid choice: '{value}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="train.py: error: .*incompatible with the class token"):
+        run_train(tmp_path, "--pe", "mpvg", "--pool", "cls")
+    with pytest.raises(SystemExit, match="train.py: error: last_pe must be None or a layer index 0..1"):
+        run_train(tmp_path, "--last-pe", "5")
     run_train(tmp_path, "--epochs", "1", "--pe", "mpvg")
     with pytest.raises(SystemExit, match="pe='mpvg' there but 'lape' here.*another --output-dir"):
         run_train(tmp_path, "--epochs", "2", "--pe", "lape", "--resume", "auto")

@@ -353,6 +353,13 @@ def build_datasets(args: argparse.Namespace, img_size: int, synthetic_classes: i
 def model_config(args, saved: dict | None = None) -> Config:
     """The model this run asks for. On resume, what the flags leave unset comes from the checkpoint,
     and what they set must equal it. (num_classes is the preset's until the data set is known.)"""
+    try:
+        return requested_config(args, saved)
+    except ValueError as e:  # Config's own checks: say it in one line, as for any flag
+        fail(str(e))
+
+
+def requested_config(args, saved: dict | None) -> Config:
     explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if explicit.get("last_pe") == "none":
         explicit["last_pe"] = None
