@@ -974,3 +974,21 @@ def test_train_with_the_batched_device_data_path(tmp_path):
     assert math.isfinite(line["train_loss"]) and math.isfinite(line["val_loss"]) and best["epoch"] == 1
     assert line["val_loss"] > 1.0  # an empty validation would report 0
     assert line["val_top1"] * 16 / 100 == pytest.approx(round(line["val_top1"] * 16 / 100))  # 16 val images
+
+
+def test_repeated_augmentation_gives_each_copy_its_own_augmentation():
+    """DeiT's x3 sampler: over the ranks an epoch has len(dataset) samples, images come in copies with
+    distinct copy ids, and each copy of an image is augmented differently."""
+    data = train.SyntheticImages(30, 10, 32, seed=0)
+    keys = [k for rank in range(3) for k in train.RepeatedAugSampler(data, 3, rank, repeats=3, seed=0)]
+    assert len(keys) == 30
+    by_image = {}
+    for index, _epoch, copy in keys:
+        by_image.setdefault(index, set()).add(copy)
+    assert all(copies <= {0, 1, 2} for copies in by_image.values())
+    assert any(len(copies) == 3 for copies in by_image.values())
+    transform, _ = train.build_transforms(cifar_args(), 32)
+    augmented = train.Augmented(data, transform, seed=0)
+    copies = [augmented[(5, 0, c)][0] for c in range(3)]
+    assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
+    assert torch.equal(augmented[(5, 0, 1)][0], copies[1])  # and each is reproducible

@@ -238,10 +238,11 @@ class SyntheticImages(Dataset):
 
 
 class Augmented(Dataset):
-    """A data set with a random transform whose randomness depends only on (seed, epoch, index).
+    """A data set with a random transform whose randomness depends only on (seed, epoch, index, copy).
 
-    The samplers below pass (index, epoch): each image gets the same augmentation whatever the number
-    of ranks or loader workers, so a resumed run and a run on more GPUs see exactly the same data.
+    The samplers below pass (index, epoch[, copy]): each image gets the same augmentation whatever the
+    number of ranks or loader workers, so a resumed run and a run on more GPUs see exactly the same
+    data; the copies of repeated augmentation each get their own.
     """
 
     def __init__(self, dataset: Dataset, transform, seed: int):
@@ -251,10 +252,12 @@ class Augmented(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        index, epoch, copy = (*key, 0)[:3] if isinstance(key, tuple) else (key, 0, 0)
         img, label = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + index) % 2**63)
+            torch.manual_seed(
+                (((self.seed * 1_000_003 + epoch) * 101 + copy) * 1_000_000_007 + index) % 2**63
+            )
             return self.transform(img), label
 
 
@@ -285,10 +288,10 @@ class RepeatedAugSampler(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
-        mine = order[self.rank :: self.world][: self.num_samples]
-        # the copies of one image must not land in the same batch order on every rank: shuffle them
-        mine = mine[torch.randperm(len(mine), generator=g)]
-        return ((int(i), self.epoch) for i in mine)
+        copy = torch.arange(len(order)) % self.repeats  # which of the repeats: each its own augmentation
+        mine = torch.arange(self.rank, len(order), self.world)[: self.num_samples]
+        mine = mine[torch.randperm(len(mine), generator=g)]  # copies not at the same step on every rank
+        return ((int(order[k]), self.epoch, int(copy[k])) for k in mine)
 
 
 def build_transforms(args: argparse.Namespace, img_size: int):
