@@ -1266,6 +1266,10 @@ def use_device_data(args, device) -> bool:
         fail(
             "--device-data implements the cifar recipe's augmentations; use --device-data off with --recipe deit"
         )
+    if args.data == "imagenet":
+        fail(
+            "--device-data holds fixed-size sets (cifar100, synthetic); image folders load with --device-data off"
+        )
     return True
 
 
