@@ -495,7 +495,8 @@ def evaluate(model, loader, device, amp: bool) -> dict:
         top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = top == target[:, None]
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
-        sums += torch.stack([loss, hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(len(target))]).to(sums)
+        counts = [loss, hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(len(target), device=device)]
+        sums += torch.stack([c.to(torch.float64) for c in counts])  # all on the device: no sync per batch
     loss, top1, top5, n = all_reduce(sums).tolist()
     return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
 
@@ -537,7 +538,9 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp, 
                 loss=f"{current:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}"
             )
     seconds = time.perf_counter() - start
-    total = all_reduce(torch.stack([loss_sum, torch.tensor(float(seen // args.world), device=device)]))
+    total = all_reduce(
+        torch.stack([loss_sum, torch.tensor(seen / args.world, device=device, dtype=torch.float64)])
+    )
     train_loss = (total[0] / total[1].clamp(min=1)).item()
     check_finite(train_loss, epoch, None, args)
     return dict(train_loss=train_loss, images_per_sec=seen / seconds, seconds=seconds)
@@ -680,7 +683,7 @@ def run(args, device):
             **train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, amp, args.rank),
         )
         metrics.update(evaluate(compiled, val_loader, device, amp), lr=lr)
-        if not all(torch.isfinite(p).all() for p in model.parameters()):  # one sync an epoch
+        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one sync an epoch
             fail(f"the weights became non-finite in epoch {epoch + 1}; nothing was saved, so the last good "
                  f"checkpoint in {args.output_dir} is untouched. Lower --lr, then --resume auto")  # fmt: skip
         is_best = metrics["val_top1"] > best["val_top1"]
@@ -1069,6 +1072,11 @@ def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: i
 # CIFAR-100 on the device: the whole set as uint8, the recipe's augmentations run on whole batches
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor onto the device without making the host wait for the GPU (pinned, async)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 def sample_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generator, fallback: str):
     """torchvision's box sampling (RandomResizedCrop, RandomErasing) for n images at once: 10 tries
     each of an area fraction and a log-uniform aspect ratio, the first that fits. Returns top, left,
@@ -1108,8 +1116,8 @@ def resized_crops(x: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
 
     def axis(start, length, extent):  # interpolate's source pixels, clamped to the crop's edges
         start, length = (
-            start.to(x.device, torch.float32)[:, None],
-            length.to(x.device, torch.float32)[:, None],
+            to_device(start.float(), x.device)[:, None],
+            to_device(length.float(), x.device)[:, None],
         )
         src = torch.maximum(torch.minimum(start + steps * length - 0.5, start + length - 1), start)
         return (src + 0.5) / extent * 2 - 1  # grid_sample's coordinates, align_corners=False
@@ -1180,14 +1188,20 @@ class BatchAugment:
         self.std = torch.tensor(args.std)[:, None, None]
         self.last = {}  # the parameters of the last batch, for tests and the curious
 
-    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, g: torch.Generator, g_device: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) uint8 on its device. g draws the parameters (on the CPU, then moved without
+        a sync); g_device the erasing noise on x's device (g itself when that is the CPU)."""
         a, n, device = self.args, x.shape[0], x.device
+        if self.mean.device != device:
+            self.mean, self.std = to_device(self.mean, device), to_device(self.std, device)
         top, left, h, w, _ = sample_boxes(
             n, x.shape[2], x.shape[3], (a.crop_scale, 1.0), (3 / 4, 4 / 3), g, "center"
         )
         x = resized_crops(x, top, left, h, w, self.size)
         flip = torch.rand(n, generator=g) < 0.5
-        x = torch.where(flip.to(device)[:, None, None, None], x.flip(-1), x)
+        x = torch.where(to_device(flip, device)[:, None, None, None], x.flip(-1), x)
         ops, signs = [], []
         if a.randaug_magnitude > 0:
             space = rand_augment_space(a.randaug_magnitude, 11, self.size, self.size)
@@ -1197,12 +1211,11 @@ class BatchAugment:
                 ops.append(op), signs.append(negative)
                 for k, (name, magnitude, signed) in enumerate(space):
                     for neg in (False, True) if signed else (False,):
-                        chosen = torch.nonzero((op == k) & (negative == neg) if signed else op == k)[:, 0].to(
-                            device
-                        )
+                        chosen = torch.nonzero((op == k) & (negative == neg) if signed else op == k)[:, 0]
                         if len(chosen):
+                            chosen = to_device(chosen, device)
                             x[chosen] = rand_augment_op(x[chosen], name, -magnitude if neg else magnitude)
-        x = (x.float() / 255 - self.mean.to(device)) / self.std.to(device)
+        x = (x.float() / 255 - self.mean) / self.std
         erase = torch.rand(n, generator=g) < a.reprob
         et, el, eh, ew, found = sample_boxes(n, self.size, self.size, (0.02, 0.33), (0.3, 3.3), g, "none")
         erase &= found
@@ -1210,8 +1223,10 @@ class BatchAugment:
             rows, cols = torch.arange(self.size)[None, :], torch.arange(self.size)[None, :]
             inside_r = (rows >= et[:, None]) & (rows < (et + eh)[:, None])
             inside_c = (cols >= el[:, None]) & (cols < (el + ew)[:, None])
-            mask = (inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None]).to(device)[:, None]
-            noise = torch.randn(x.shape, generator=g).to(device)
+            mask = to_device(inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None], device)[
+                :, None
+            ]
+            noise = torch.randn(x.shape, generator=g_device or g, device=device)
             x = torch.where(mask, noise, x)
         self.last = dict(
             crop=torch.stack([top, left, h, w], 1), flip=flip, ops=ops, negative=signs, erase=erase
@@ -1237,13 +1252,17 @@ class DeviceLoader:
         keys = list(self.sampler)
         epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
         index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys])
-        g = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
-        )
+        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
+        device = self.images.device
+        g = torch.Generator().manual_seed(seed)  # the augmentations' parameters, drawn on the CPU
+        g_device = (
+            torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None
+        )  # erasing noise
         for b in range(len(self)):
-            chosen = index[b * self.batch_size : (b + 1) * self.batch_size].to(self.images.device)
+            chosen = to_device(index[b * self.batch_size : (b + 1) * self.batch_size], device)
             x, y = self.images[chosen], self.labels[chosen]
-            yield (self.transform(x, g) if isinstance(self.transform, BatchAugment) else self.transform(x)), y
+            augment = isinstance(self.transform, BatchAugment)
+            yield (self.transform(x, g, g_device) if augment else self.transform(x)), y
 
 
 def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
