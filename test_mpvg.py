@@ -992,3 +992,12 @@ def test_repeated_augmentation_gives_each_copy_its_own_augmentation():
     copies = [augmented[(5, 0, c)][0] for c in range(3)]
     assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
     assert torch.equal(augmented[(5, 0, 1)][0], copies[1])  # and each is reproducible
+
+
+def test_readme_python_snippet_runs():
+    """The README's usage example is code a reader will paste: it must run as printed."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (8, 1000) and namespace["x_3"].shape == (8, 196, 192)
