@@ -23,8 +23,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer, analyse
@@ -295,9 +300,7 @@ class RepeatedAugSampler(Sampler):
 
 
 def build_transforms(args: argparse.Namespace, img_size: int):
-    from torchvision.transforms import v2
-
-    interpolation = getattr(v2.InterpolationMode, args.interpolation.upper())
+    interpolation = getattr(InterpolationMode, args.interpolation.upper())
     train = [
         v2.ToImage(),
         v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=interpolation),
@@ -316,8 +319,6 @@ def build_transforms(args: argparse.Namespace, img_size: int):
 
 def build_datasets(args: argparse.Namespace, img_size: int, synthetic_classes: int):
     """(train, val, num_classes), each set without transforms."""
-    import torchvision
-
     root = Path(args.data_path)
     if args.data == "synthetic":
         val_size = max(args.synthetic_size // 5, 1)
@@ -421,8 +422,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 
 def build_mixing(args, num_classes: int):
-    from torchvision.transforms import v2
-
     mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
     mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
     return v2.RandomChoice(mixes) if mixes else None  # one of the two per batch, each with p = 0.5
@@ -756,7 +755,7 @@ def benchmark(args, device):
         for m in modes
     }
     builders = {name: (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
-    reference = configs[f"mpvg.py {modes[0]}"] if args.pe else configs["mpvg.py default"]
+    reference = configs[f"mpvg.py {modes[0]}"]  # timm's twin is built like the first row
     if timm_twin(reference) is not None:
         builders[f"timm ViT ({reference.pool})"] = lambda: timm_twin(reference)
     batch = args.batch_size
@@ -826,7 +825,6 @@ def benchmark(args, device):
 def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     """Images/s that the training loader delivers with the recipe's augmentations, model aside."""
     train_set, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
-    args.rank, args.world = getattr(args, "rank", 0), getattr(args, "world", 1)
     loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
     it = iter(loader)
     next(it)  # workers start, or the data set moves to the device
@@ -848,8 +846,6 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
 def colour(t: torch.Tensor, signed: bool = True):
     """A 2-D tensor as an RGB image: blue < 0 < red (white at 0) if signed, else white (the
     smallest value) to red (the largest)."""
-    from PIL import Image
-
     t = t.detach().float().cpu()
     if signed:
         v = (t / t.abs().max().clamp_min(1e-12)).clamp(-1, 1)
@@ -861,8 +857,6 @@ def colour(t: torch.Tensor, signed: bool = True):
 
 def captioned(panels: list, columns: int, title: str, zoom: int = 1):
     """Panels (caption, PIL image) in a grid under a title, each captioned and enlarged `zoom` times."""
-    from PIL import Image, ImageDraw
-
     panels = [(c, im.resize((im.width * zoom, im.height * zoom), Image.NEAREST)) for c, im in panels]
     w = max(max(im.width for _, im in panels), 6 * max(len(c) for c, _ in panels) + 4)
     h = max(im.height for _, im in panels)
@@ -879,8 +873,6 @@ def captioned(panels: list, columns: int, title: str, zoom: int = 1):
 
 def bars(values: list, title: str):
     """A bar chart of values in [-1, 1], one bar per layer (None: no bar), with its axes labelled."""
-    from PIL import Image, ImageDraw
-
     left, mid, height = 50, 140, 260
     width = max(left + 40 * len(values) + 20, 6 * len(title) + 16)
     im = Image.new("RGB", (width, height + 30), "white")
@@ -949,8 +941,6 @@ def analyze(args, device):
     ]
     title = f"Appendix Fig. 6: x: dimension. var(beta) {last['beta_var']:.4f}, cosine before/after {last['cosine']:.4f}"
     captioned(strips, 1, title, max(1, 384 // cfg.dim)).save(out / "fig6_last_ln.png")
-
-    from PIL import Image
 
     mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
     size, panels = (cfg.img_size, cfg.img_size), []
@@ -1130,9 +1120,6 @@ def resized_crops(x: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
 
 def rand_augment_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     """One RandAugment operation on a uint8 batch, with torchvision's own conventions."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
     nearest = InterpolationMode.NEAREST
     if op in ("ShearX", "ShearY"):
         shear = math.degrees(math.atan(magnitude))
@@ -1255,13 +1242,11 @@ class DeviceLoader:
         seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
         device = self.images.device
         g = torch.Generator().manual_seed(seed)  # the augmentations' parameters, drawn on the CPU
-        g_device = (
-            torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None
-        )  # erasing noise
+        g_device = torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None  # noise
+        augment = isinstance(self.transform, BatchAugment)
         for b in range(len(self)):
             chosen = to_device(index[b * self.batch_size : (b + 1) * self.batch_size], device)
             x, y = self.images[chosen], self.labels[chosen]
-            augment = isinstance(self.transform, BatchAugment)
             yield (self.transform(x, g, g_device) if augment else self.transform(x)), y
 
 
