@@ -288,9 +288,11 @@ class VisionTransformer(nn.Module):
             trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
         return y
 
+    def pool(self, y: torch.Tensor) -> torch.Tensor:
+        return y[:, 0] if self.cfg.pool == "cls" else y.mean(dim=1)  # class token, or GAP: (B, D)
+
     def forward_head(self, y: torch.Tensor) -> torch.Tensor:
-        pooled = y[:, 0] if self.cfg.pool == "cls" else y.mean(dim=1)  # class token, or GAP
-        return self.head(pooled)  # (B, num_classes)
+        return self.head(self.pool(y))  # (B, num_classes)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(img))
@@ -335,7 +337,6 @@ def analyse(model: VisionTransformer, images: torch.Tensor) -> dict:
     tokens = [block.norm1(x).mean(dim=0) for block, x in zip(model.blocks, trace["tokens"])]
     pos = [None if p is None else p[0] for p in trace["pos"]]
     pre, post = trace["pre_norm"], trace["post_norm"]
-    pooled = (lambda t: t[:, 0]) if model.cfg.pool == "cls" else (lambda t: t.mean(dim=1))
     grid = model.cfg.img_size // model.cfg.patch_size
     patch_norms = lambda t: t[:, t.shape[1] - grid * grid :].norm(dim=-1).unflatten(1, (grid, grid))  # noqa: E731
     return dict(
@@ -345,7 +346,9 @@ def analyse(model: VisionTransformer, images: torch.Tensor) -> dict:
         last_ln=dict(
             beta_var=float(model.norm.bias.var(unbiased=False)),
             gamma_var=float(model.norm.weight.var(unbiased=False)),
-            cosine=float(F.cosine_similarity(pooled(pre).mean(dim=0), pooled(post).mean(dim=0), dim=0)),
+            cosine=float(
+                F.cosine_similarity(model.pool(pre).mean(dim=0), model.pool(post).mean(dim=0), dim=0)
+            ),
         ),
         fig7_norms_pre=patch_norms(pre),
         fig7_norms_post=patch_norms(post),

@@ -245,7 +245,7 @@ class SyntheticImages(Dataset):
 class Augmented(Dataset):
     """A data set with a random transform whose randomness depends only on (seed, epoch, index, copy).
 
-    The samplers below pass (index, epoch[, copy]): each image gets the same augmentation whatever the
+    The samplers below pass (index, epoch, copy): each image gets the same augmentation whatever the
     number of ranks or loader workers, so a resumed run and a run on more GPUs see exactly the same
     data; the copies of repeated augmentation each get their own.
     """
@@ -257,7 +257,7 @@ class Augmented(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, epoch, copy = (*key, 0)[:3] if isinstance(key, tuple) else (key, 0, 0)
+        index, epoch, copy = key if isinstance(key, tuple) else (key, 0, 0)  # a plain index: evaluation
         img, label = self.dataset[index]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(
@@ -267,10 +267,10 @@ class Augmented(Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """torch's DistributedSampler (shuffle with seed + epoch, rank::world), yielding (index, epoch)."""
+    """torch's DistributedSampler (shuffle with seed + epoch, rank::world), yielding (index, epoch, 0)."""
 
     def __iter__(self):
-        return ((i, self.epoch) for i in super().__iter__())
+        return ((i, self.epoch, 0) for i in super().__iter__())
 
 
 class RepeatedAugSampler(Sampler):
@@ -745,7 +745,7 @@ def timm_twin(cfg: Config):
 
 
 def benchmark(args, device):
-    amp, cuda = device.type == "cuda", device.type == "cuda"
+    cuda = device.type == "cuda"  # and so bf16 autocast
     base = model_config(args)
     modes = [args.pe] if args.pe else ["default", "lape", "pvg", "mpvg"]
     configs = {
@@ -756,8 +756,9 @@ def benchmark(args, device):
     }
     builders = {name: (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
     reference = configs[f"mpvg.py {modes[0]}"]  # timm's twin is built like the first row
-    if timm_twin(reference) is not None:
-        builders[f"timm ViT ({reference.pool})"] = lambda: timm_twin(reference)
+    twin = timm_twin(reference)
+    if twin is not None:
+        builders[f"timm ViT ({reference.pool})"] = lambda: twin
     batch = args.batch_size
     img = torch.randn(batch, base.in_chans, base.img_size, base.img_size, device=device)
     target = torch.randint(base.num_classes, (batch,), device=device)
@@ -771,7 +772,7 @@ def benchmark(args, device):
         compiled = torch.compile(model) if args.compile else model
 
         def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
-            train_step(model, optimizer, img, target, args.smoothing, amp)
+            train_step(model, optimizer, img, target, args.smoothing, amp=cuda)
 
         held = torch.cuda.memory_allocated(device) if cuda else 0
         if cuda:
@@ -794,7 +795,7 @@ def benchmark(args, device):
 
     device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"\nbenchmark: {args.model or RECIPES[args.recipe]['model']} ({base.dim}d x {base.depth}), batch {batch}, "
-          f"{base.img_size} px, {'bf16' if amp else 'fp32'} on {device_name}, compile {'on' if args.compile else 'off'}; "
+          f"{base.img_size} px, {'bf16' if cuda else 'fp32'} on {device_name}, compile {'on' if args.compile else 'off'}; "
           f"{args.bench_warmup} warm-up, then {args.bench_rounds} rounds of {args.bench_steps} steps, median of rounds")  # fmt: skip
     timm_name = next((n for n in steps if n.startswith("timm")), None)
     rows = {}
@@ -1037,10 +1038,7 @@ def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: i
         model.train()
         for _ in tqdm(range(epochs), desc=f"{pe} ({pool})", leave=False, disable=None):
             for img, target in loader:
-                loss = F.cross_entropy(model(img.to(device)), target.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                train_step(model, optimizer, img.to(device), target.to(device), smoothing=0.0, amp=False)
                 schedule.step()
         top1 = evaluate(model, DataLoader(val_set, batch_size=256), device, amp=False)["val_top1"]
         stats = analyse(model, val_set.images[:64].to(device))
