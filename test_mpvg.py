@@ -512,11 +512,14 @@ def test_wrong_input_shape_is_a_clear_error(shape):
 import json  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import train  # noqa: E402
+from tools import analyze, benchmark, device_data, workshop  # noqa: E402
 
 TINY = [  # a model and data small enough for a CPU test, with every augmentation of the recipe on
     "--data", "synthetic", "--synthetic-size", "64", "--model", "vit_lite_7_4", "--img-size", "16",
@@ -735,9 +738,8 @@ def test_torch_compile_traces_every_pe_mode_in_one_graph(mode):
 
 
 def test_benchmark_prints_every_mode_and_the_data_loader(tmp_path, capsys):
-    rows = train.main(
-        [*TINY, "--benchmark", "--bench-steps", "1", "--bench-rounds", "1", "--bench-warmup", "1"]
-    )
+    flags = TINY[:-2]  # without --log-every: there is no training loop here
+    rows = benchmark.main([*flags, "--bench-steps", "1", "--bench-rounds", "1", "--bench-warmup", "1"])
     assert {f"mpvg.py {m}" for m in MODES} | {"data loader"} <= set(rows)
     assert all(r["images_per_sec"] > 0 for r in rows.values())
     cfg = dict(
@@ -752,7 +754,7 @@ def test_benchmark_prints_every_mode_and_the_data_loader(tmp_path, capsys):
 def test_flops_count_matches_a_hand_count():
     """DeiT-S forward: 4.6 GFLOPs as usually quoted (fvcore counts a multiply-add as one: 4.6 GMACs)."""
     cfg = create_model("deit_small").cfg
-    assert train.flops_per_image(cfg) / 2 == pytest.approx(4.6e9, rel=0.01)
+    assert benchmark.flops_per_image(cfg) / 2 == pytest.approx(4.6e9, rel=0.01)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,7 +821,7 @@ def test_analysis_reads_what_the_forward_computes(kw, batch):
 def test_analyze_command_writes_figures_and_json(tmp_path):
     out = tmp_path / "analysis"
     tiny = ["--model", "vit_lite_7_4", "--img-size", "16", "--dim", "32", "--depth", "3", "--heads", "2"]
-    train.main(["--analyze", *tiny, "--pe", "lape", "--analyze-images", "8", "--output-dir", str(out)])
+    analyze.main([*tiny, "--pe", "lape", "--analyze-images", "8", "--output-dir", str(out)])
     names = {
         "fig2_heatmaps.png",
         "fig4_correlation.png",
@@ -837,19 +839,19 @@ def test_analyze_command_writes_figures_and_json(tmp_path):
 
 
 def test_workshop_prints_its_table(capsys):
-    args = train.parse_args(["--workshop"])
-    rows = train.workshop(args, torch.device("cpu"), epochs=1, train_size=128, val_size=64)
-    assert [(r["pe"], r["pool"]) for r in rows] == train.WORKSHOP_MODELS
+    args = workshop.parse_args([])
+    rows = workshop.workshop(args, torch.device("cpu"), epochs=1, train_size=128, val_size=64)
+    assert [(r["pe"], r["pool"]) for r in rows] == workshop.WORKSHOP_MODELS
     assert "top-1" in capsys.readouterr().out
 
 
 def test_where_is_the_plus_labels_the_cell_of_the_plus_centre():
-    data = train.WhereIsThePlus(64, seed=3)
+    data = workshop.WhereIsThePlus(64, seed=3)
     for img, label in (data[i] for i in range(64)):
         bright = (img[0] * 0.5 + 0.75) > 1.0  # the marks add 1 to noise below 0.5
-        plus = torch.nn.functional.conv2d(bright[None, None].float(), train.WhereIsThePlus.PLUS[None, None])[
-            0, 0
-        ]
+        plus = torch.nn.functional.conv2d(
+            bright[None, None].float(), workshop.WhereIsThePlus.PLUS[None, None]
+        )[0, 0]
         square = torch.nn.functional.conv2d(bright[None, None].float(), torch.ones(1, 1, 3, 3))[0, 0]
         ys, xs = torch.nonzero((plus == 5) & (square < 9), as_tuple=True)
         assert any((y + 1) // 4 * 4 + (x + 1) // 4 == label for y, x in zip(ys.tolist(), xs.tolist()))
@@ -875,7 +877,7 @@ def fixed_image(seed=0):
 
 def test_batch_augment_draws_its_parameters_per_sample():
     """Each image of one batch gets its own crop, flip, RandAugment ops and signs, and erasing."""
-    augment = train.BatchAugment(cifar_args(), 32)
+    augment = device_data.BatchAugment(cifar_args(), 32)
     out = augment(fixed_image().repeat(512, 1, 1, 1), torch.Generator().manual_seed(0))
     p = augment.last
     assert len({tuple(b) for b in p["crop"].tolist()}) > 100
@@ -893,7 +895,7 @@ def test_batch_augment_ops_and_magnitudes_are_torchvisions(sign):
 
     ra = v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11)
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    for name, magnitude, signed in train.rand_augment_space(9, 11, 32, 32):
+    for name, magnitude, signed in device_data.rand_augment_space(9, 11, 32, 32):
         magnitudes_fn, their_signed = ra._AUGMENTATION_SPACE[name]
         theirs = magnitudes_fn(11, 32, 32)
         assert signed == their_signed and magnitude == (0.0 if theirs is None else float(theirs[9])), name
@@ -906,7 +908,7 @@ def test_batch_augment_ops_and_magnitudes_are_torchvisions(sign):
                 for img in x
             ]
         )
-        assert torch.equal(train.rand_augment_op(x.clone(), name, m), expected), name
+        assert torch.equal(device_data.rand_augment_op(x.clone(), name, m), expected), name
 
 
 def test_batched_resized_crops_equal_torchvisions_per_image():
@@ -915,8 +917,8 @@ def test_batched_resized_crops_equal_torchvisions_per_image():
 
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
-    top, left, h, w, _ = train.sample_boxes(64, 32, 32, (0.8, 1.0), (3 / 4, 4 / 3), g, "center")
-    ours = train.resized_crops(x, top, left, h, w, 32)
+    top, left, h, w, _ = device_data.sample_boxes(64, 32, 32, (0.8, 1.0), (3 / 4, 4 / 3), g, "center")
+    ours = device_data.resized_crops(x, top, left, h, w, 32)
     for i in range(64):
         theirs = TF.resized_crop(
             x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], InterpolationMode.BILINEAR
@@ -943,7 +945,7 @@ def test_batched_and_per_image_paths_give_one_distribution(recipe_flags):
         torch.manual_seed(i)
         slow.append(per_image(img))
     slow = torch.stack(slow)
-    fast = train.BatchAugment(args, 32)(img.repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
+    fast = device_data.BatchAugment(args, 32)(img.repeat(n, 1, 1, 1), torch.Generator().manual_seed(0))
 
     def summaries(x):
         return {
@@ -961,7 +963,7 @@ def test_batched_and_per_image_paths_give_one_distribution(recipe_flags):
 
 def test_where_is_the_plus_commonest_cell_holds_8_percent():
     """The README's bar for a position-blind model: centres uniform over 1..14 make (4/14)^2 = 8.2%."""
-    counts = torch.bincount(train.WhereIsThePlus(8000, seed=4).labels, minlength=16).double() / 8000
+    counts = torch.bincount(workshop.WhereIsThePlus(8000, seed=4).labels, minlength=16).double() / 8000
     assert counts.max() == pytest.approx(16 / 196, abs=0.01) and counts.min() == pytest.approx(
         9 / 196, abs=0.01
     )
@@ -1001,3 +1003,38 @@ def test_readme_python_snippet_runs():
     namespace = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     assert namespace["logits"].shape == (8, 1000) and namespace["x_3"].shape == (8, 196, 192)
+
+
+def readme_commands():
+    """Every `python ...py` or `torchrun ... train.py` command in the README, in shell blocks or inline
+    code, as (script, argv)."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```bash\n")[1:]]
+    inline = re.findall(r"`((?:python|torchrun) [^`]*\.py[^`]*)`", readme)
+    text = "\n".join(blocks + inline).replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        words = shlex.split(line.split("#", 1)[0])
+        scripts = [i for i, w in enumerate(words) if w.endswith(".py")]
+        if scripts and words[0] in ("python", "torchrun") and "..." not in words:
+            commands.append((words[scripts[0]], words[scripts[0] + 1 :]))
+    return commands
+
+
+def test_every_readme_command_parses():
+    """Each documented command names a script that exists and flags that script accepts."""
+    parsers = {
+        "train.py": train.build_parser,
+        "tools/benchmark.py": benchmark.build_parser,
+        "tools/analyze.py": analyze.build_parser,
+        "tools/workshop.py": workshop.build_parser,
+    }
+    commands = readme_commands()
+    assert {script for script, _ in commands} == set(parsers)  # every script is documented
+    for script, argv in commands:
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as printed_help:
+                parsers[script]().parse_args(argv)
+            assert printed_help.value.code == 0
+        else:
+            parsers[script]().parse_args(argv)  # exits with argparse's message on an unknown flag or value

@@ -5,6 +5,9 @@
         --model deit_small --pe mpvg                                 # the paper's Table 1 recipe
     python train.py --eval-only --resume runs/mpvg/best.pt          # top-1 / top-5 of a checkpoint
 
+The benchmark, the paper's analysis figures, the workshop and the batched device augmentation live in
+tools/, one file each.
+
 Every recipe value (paper Table 7, with the anchors' details) is a flag; `--help` lists them.
 """
 
@@ -24,15 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from mpvg import PE_MODES, PRESETS, Config, VisionTransformer, analyse
+from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
+from tools.device_data import BatchAugment, DeviceLoader, as_tensors
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -88,30 +90,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Train, evaluate, benchmark or analyse ViT/DeiT with the paper's PE modes.",
-        formatter_class=HelpFormatter,
-    )
-
-    def recipe_flag(name, type, help):
-        key = name.lstrip("-").replace("-", "_")
-        values = ", ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES)
-        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip())
-
+def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        choices=["cifar100", "imagenet", "synthetic"],
-        default=None,
-        help="[cifar100; synthetic with --benchmark, --analyze, --workshop]",
-    )
+    g.add_argument("--data", choices=["cifar100", "imagenet", "synthetic"], default=default)
     g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
     g.add_argument("--synthetic-size", type=int, default=2560, help="training images of --data synthetic")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per rank")
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                    help="hold the data set on the device as uint8 and augment whole batches there "
                         "(cifar recipe; auto: on for cifar100 on CUDA)")  # fmt: skip
+
+
+def add_model_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("model (unset: the preset's value, or the checkpoint's on --resume)")
     g.add_argument("--model", choices=list(PRESETS), default=None, help="preset [from --recipe]")
     g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
@@ -126,6 +116,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
         g.add_argument(name, type=int, default=None, help="[the preset's]")
+
+
+def add_recipe_flags(p: argparse.ArgumentParser):
+    def recipe_flag(name, type, help):
+        key = name.lstrip("-").replace("-", "_")
+        values = ", ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES)
+        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip())
+
     g = p.add_argument_group("recipe (--recipe deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite)")
     g.add_argument("--recipe", choices=list(RECIPES), default=None, help="[deit for imagenet, else cifar]")
     recipe_flag("--epochs", int, "epochs in all, cooldown included")
@@ -147,6 +145,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     recipe_flag("--repeated-aug", int, "repeated augmentation count in distributed runs (1: off)")
     recipe_flag("--crop-scale", float, "smallest area of RandomResizedCrop")
     recipe_flag("--eval-crop", float, "center crop over resize at evaluation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train or evaluate ViT/DeiT with the paper's PE modes.", formatter_class=HelpFormatter
+    )
+    add_data_flags(p)
+    add_model_flags(p)
+    add_recipe_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--output-dir", default="runs/default", help="checkpoints and metrics.jsonl")
@@ -154,27 +161,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
-    g = p.add_argument_group(
-        "benchmark (--benchmark: training throughput of every PE mode, and timm's, side by side)"
-    )
-    g.add_argument("--benchmark", action="store_true", help="time training steps on synthetic data and stop")
-    g.add_argument("--bench-steps", type=int, default=10, help="timed steps per model per round")
-    g.add_argument("--bench-rounds", type=int, default=3, help="rounds, the models taking turns")
-    g.add_argument(
-        "--bench-warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
-    )
-    g.add_argument(
-        "--peak-tflops", type=float, default=989.4, help="the device's dense bf16 peak, for MFU (H100 SXM)"
-    )
-    g = p.add_argument_group("the paper's analysis, and a workshop")
-    g.add_argument("--analyze", nargs="?", const="new", default=None, metavar="CKPT",
-                   help="write Figs. 2, 4, 7 and the Appendix's Last-LN statistics of a checkpoint "
-                        "(or, alone, of a new model from --model/--pe) to --output-dir, and stop")  # fmt: skip
-    g.add_argument(
-        "--analyze-images", type=int, default=64, help="validation images the analysis averages over"
-    )
-    g.add_argument("--workshop", action="store_true", help="train tiny models of every PE mode on a task that "
-                   "only position solves, and compare them (about 5 CPU minutes)")  # fmt: skip
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     given = {
@@ -186,6 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in args.resume_state["args"].items():
             if key in INHERITED and key not in given:
                 setattr(args, key, value)
+    if args.eval_only and not args.resume_path:
+        fail(f"--eval-only needs --resume CHECKPOINT (with auto: none in {args.output_dir} yet)")
     return resolve_recipe(args)
 
 
@@ -208,8 +201,7 @@ def find_checkpoint(args) -> Path | None:
 
 
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    if args.data is None:
-        args.data = "synthetic" if args.benchmark or args.analyze or args.workshop else "cifar100"
+    """The recipe's value for every recipe flag left unset."""
     if args.recipe is None:
         deit_model = (args.model or "").startswith("deit")
         args.recipe = (
@@ -218,8 +210,6 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in RECIPES[args.recipe].items():
         if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
             setattr(args, key, value)
-    if args.eval_only and not args.resume_path:
-        fail(f"--eval-only needs --resume CHECKPOINT (with auto: none in {args.output_dir} yet)")
     return args
 
 
@@ -473,6 +463,15 @@ def distributed_env():
     return rank, world, int(os.environ.get("LOCAL_RANK", 0))
 
 
+def pick_device(local_rank: int = 0) -> torch.device:
+    """This rank's GPU where there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -592,11 +591,7 @@ def main(argv=None):
             f"--batch-size {args.batch_size} is not divisible by the {args.world} processes: choose a multiple "
             f"of {args.world} (the global batch is split evenly over the ranks)"
         )
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    device = pick_device(local_rank)
     if args.world > 1:
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
@@ -609,12 +604,6 @@ def main(argv=None):
 
 
 def run(args, device):
-    if args.benchmark:
-        return benchmark(args, device)
-    if args.analyze:
-        return analyze(args, device)
-    if args.workshop:
-        return workshop(args, device)
     master = args.rank == 0
     torch.manual_seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
@@ -717,546 +706,6 @@ def run(args, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Benchmark: full training steps on data already on the device, every PE mode and timm side by side
-
-
-def flops_per_image(cfg: Config) -> float:
-    """Forward FLOPs of one image, matmuls only (a multiply-add is 2). LayerNorms, softmax and the
-    (1, N, D) PE path are left out: they are under 1% here. A training step is 3x this."""
-    t, d, hidden = cfg.num_tokens, cfg.dim, int(cfg.dim * cfg.mlp_ratio)
-    patches = 2 * cfg.num_patches * d * cfg.in_chans * cfg.patch_size**2
-    layer = 2 * t * d * 3 * d + 2 * 2 * t * t * d + 2 * t * d * d + 2 * 2 * t * d * hidden
-    return patches + cfg.depth * layer + 2 * d * cfg.num_classes
-
-
-def timm_twin(cfg: Config):
-    """timm's VisionTransformer built to the same configuration, or None without timm."""
-    try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError:
-        return None
-    cls = cfg.pool == "cls"
-    return TimmViT(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        class_token=cls, global_pool="token" if cls else "avg", fc_norm=False, drop_path_rate=cfg.drop_path,
-        attn_drop_rate=cfg.attn_drop,
-    )  # fmt: skip
-
-
-def benchmark(args, device):
-    cuda = device.type == "cuda"  # and so bf16 autocast
-    base = model_config(args)
-    modes = [args.pe] if args.pe else ["default", "lape", "pvg", "mpvg"]
-    configs = {
-        f"mpvg.py {m}": replace(
-            base, pe=m, **{k: PE_MODES[m][k] for k in PE_MODES[m] if getattr(args, k) is None}
-        )
-        for m in modes
-    }
-    builders = {name: (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
-    reference = configs[f"mpvg.py {modes[0]}"]  # timm's twin is built like the first row
-    twin = timm_twin(reference)
-    if twin is not None:
-        builders[f"timm ViT ({reference.pool})"] = lambda: twin
-    batch = args.batch_size
-    img = torch.randn(batch, base.in_chans, base.img_size, base.img_size, device=device)
-    target = torch.randint(base.num_classes, (batch,), device=device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    steps, peak_mib, params = {}, {}, {}
-    for name, build in builders.items():  # one at a time, so that each peak is its own
-        model = build().to(device)
-        params[name] = sum(p.numel() for p in model.parameters())
-        optimizer = build_optimizer(model, args, 1e-4, device)
-        compiled = torch.compile(model) if args.compile else model
-
-        def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
-            train_step(model, optimizer, img, target, args.smoothing, amp=cuda)
-
-        held = torch.cuda.memory_allocated(device) if cuda else 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.bench_warmup):
-            step()
-        sync()
-        peak_mib[name] = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
-        steps[name] = step
-
-    seconds = {name: [] for name in steps}
-    for _ in range(args.bench_rounds):  # the models take turns, so drifts in clock or heat hit all alike
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.bench_steps):
-                step()
-            sync()
-            seconds[name].append((time.perf_counter() - start) / args.bench_steps)
-
-    device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"\nbenchmark: {args.model or RECIPES[args.recipe]['model']} ({base.dim}d x {base.depth}), batch {batch}, "
-          f"{base.img_size} px, {'bf16' if cuda else 'fp32'} on {device_name}, compile {'on' if args.compile else 'off'}; "
-          f"{args.bench_warmup} warm-up, then {args.bench_rounds} rounds of {args.bench_steps} steps, median of rounds")  # fmt: skip
-    timm_name = next((n for n in steps if n.startswith("timm")), None)
-    rows = {}
-    print(
-        f"{'model':<22}{'params':>12}{'img/s':>10}{'ms/step':>10}{'peak MiB':>10}{'MFU':>8}{'vs timm':>9}{'vs default':>11}"
-    )
-    for name in steps:
-        ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
-        rate = batch / ms * 1e3
-        cfg = configs.get(name, reference)
-        mfu = 3 * flops_per_image(cfg) * rate / (args.peak_tflops * 1e12) if cuda else None
-        rows[name] = dict(
-            params=params[name], images_per_sec=rate, ms_per_step=ms, peak_mib=peak_mib[name], mfu=mfu
-        )
-    for name, r in rows.items():
-        vs_timm = f"{r['images_per_sec'] / rows[timm_name]['images_per_sec']:.3f}" if timm_name else "-"
-        default = rows.get("mpvg.py default")
-        vs_default = f"{r['images_per_sec'] / default['images_per_sec']:.3f}" if default else "-"
-        memory = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(
-            f"{name:<22}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>10.1f}{memory:>10}{mfu:>8}{vs_timm:>9}{vs_default:>11}"
-        )
-    rows["data loader"] = dict(images_per_sec=time_data_loader(args, base, device))
-    return rows
-
-
-def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
-    """Images/s that the training loader delivers with the recipe's augmentations, model aside."""
-    train_set, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
-    loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
-    it = iter(loader)
-    next(it)  # workers start, or the data set moves to the device
-    start, seen = time.perf_counter(), 0
-    for _, (img, _) in zip(range(batches), it):
-        seen += len(img.to(device, non_blocking=True))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = seen / (time.perf_counter() - start)
-    how = "on the device, batched" if use_device_data(args, device) else f"{args.workers} workers"
-    print(f"data loader alone: {rate:.0f} img/s ({args.data}, {args.recipe} recipe augmentations, {how})")
-    return rate
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's analysis as pictures: Figs. 2, 4, 6 (Appendix) and 7, from mpvg.analyse
-
-
-def colour(t: torch.Tensor, signed: bool = True):
-    """A 2-D tensor as an RGB image: blue < 0 < red (white at 0) if signed, else white (the
-    smallest value) to red (the largest)."""
-    t = t.detach().float().cpu()
-    if signed:
-        v = (t / t.abs().max().clamp_min(1e-12)).clamp(-1, 1)
-    else:
-        v = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-12)
-    rgb = torch.stack([1 + v.clamp(max=0), 1 - v.abs(), 1 - v.clamp(min=0)], dim=-1)
-    return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
-
-
-def captioned(panels: list, columns: int, title: str, zoom: int = 1):
-    """Panels (caption, PIL image) in a grid under a title, each captioned and enlarged `zoom` times."""
-    panels = [(c, im.resize((im.width * zoom, im.height * zoom), Image.NEAREST)) for c, im in panels]
-    w = max(max(im.width for _, im in panels), 6 * max(len(c) for c, _ in panels) + 4)
-    h = max(im.height for _, im in panels)
-    rows = math.ceil(len(panels) / columns)
-    sheet = Image.new("RGB", (max(columns * (w + 8) + 8, 6 * len(title) + 16), rows * (h + 22) + 30), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((8, 6), title, fill="black")
-    for i, (caption, im) in enumerate(panels):
-        x, y = 8 + (i % columns) * (w + 8), 30 + (i // columns) * (h + 22)
-        draw.text((x, y), caption, fill="black")
-        sheet.paste(im, (x, y + 14))
-    return sheet
-
-
-def bars(values: list, title: str):
-    """A bar chart of values in [-1, 1], one bar per layer (None: no bar), with its axes labelled."""
-    left, mid, height = 50, 140, 260
-    width = max(left + 40 * len(values) + 20, 6 * len(title) + 16)
-    im = Image.new("RGB", (width, height + 30), "white")
-    draw = ImageDraw.Draw(im)
-    draw.text((8, 6), title, fill="black")
-    draw.line((left, mid, left + 40 * len(values) + 10, mid), fill="black")
-    for r, label in ((1, "+1"), (0, " 0"), (-1, "-1")):
-        draw.text((20, mid - r * 100 - 6), label, fill="black")
-    for l, v in enumerate(values):
-        x = left + 10 + 40 * l
-        if v is not None:
-            top, bottom = sorted((mid, mid - v * 100))
-            draw.rectangle((x, top, x + 24, bottom), fill="firebrick" if v > 0 else "royalblue")
-        draw.text((x + 8, height - 10), str(l), fill="black")
-    draw.text(
-        (left, height + 8), "x: layer l;  y: Pearson r of LN_l(x_l) and the PE layer l receives", fill="black"
-    )
-    return im
-
-
-def rounded(x):
-    """Numbers for analysis.json: tensors as nested lists, 5 significant digits."""
-    if isinstance(x, torch.Tensor):
-        return rounded(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [rounded(v) for v in x]
-    if isinstance(x, dict):
-        return {k: rounded(v) for k, v in x.items()}
-    return float(f"{x:.5g}") if isinstance(x, float) else x
-
-
-def analyze(args, device):
-    if args.analyze == "new":
-        cfg = model_config(args)
-        model = VisionTransformer(cfg)
-        source = f"a new {cfg.pe} model (no checkpoint)"
-    else:
-        ckpt = load_checkpoint(args.analyze)
-        cfg = Config(**ckpt["model_config"])
-        model = VisionTransformer(cfg)
-        model.load_state_dict(ckpt["model"])
-        source = args.analyze
-    _, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
-    _, val_tf = build_transforms(args, cfg.img_size)
-    n = min(args.analyze_images, len(val_set))
-    spread = torch.linspace(0, len(val_set) - 1, n).long().tolist()  # image folders are sorted by class
-    images = torch.stack([val_tf(val_set[i][0]) for i in spread]).to(device)
-    stats = analyse(model.to(device), images)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    zoom = max(1, 96 // max(cfg.num_tokens, cfg.dim))
-    panels = []
-    for l, (t, p, r) in enumerate(zip(stats["fig2_tokens"], stats["fig2_pos"], stats["fig4_correlation"])):
-        panels.append((f"layer {l}: LN(x)", colour(t)))
-        pe = colour(p) if p is not None else colour(torch.zeros_like(t))
-        panels.append((f"layer {l}: PE, r={r:+.2f}" if p is not None else f"layer {l}: no PE", pe))
-    title = "Fig. 2: tokens after LN_l (batch mean) and the PE each layer receives. x: dimension, y: token"
-    captioned(panels, 4, f"{title}; blue < 0 < red. {source}", zoom).save(out / "fig2_heatmaps.png")
-    title = f"Fig. 4: correlation of token embedding and PE after their LNs ({cfg.pe}, {cfg.pool})"
-    bars(stats["fig4_correlation"], title).save(out / "fig4_correlation.png")
-    last, norm = stats["last_ln"], model.norm
-    strips = [
-        ("Last LN gamma - 1", colour(norm.weight[None].repeat(8, 1) - 1)),
-        ("Last LN beta", colour(norm.bias[None].repeat(8, 1))),
-    ]
-    title = f"Appendix Fig. 6: x: dimension. var(beta) {last['beta_var']:.4f}, cosine before/after {last['cosine']:.4f}"
-    captioned(strips, 1, title, max(1, 384 // cfg.dim)).save(out / "fig6_last_ln.png")
-
-    mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
-    size, panels = (cfg.img_size, cfg.img_size), []
-    for b in sorted(set(torch.linspace(0, n - 1, 4).long().tolist())):  # four images, spread over the classes
-        picture = (images[b].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
-        panels += [
-            (f"image {b}", Image.fromarray(picture.numpy())),
-            (
-                "norm before Last LN",
-                colour(stats["fig7_norms_pre"][b], signed=False).resize(size, Image.NEAREST),
-            ),
-            (
-                "norm after Last LN",
-                colour(stats["fig7_norms_post"][b], signed=False).resize(size, Image.NEAREST),
-            ),
-        ]
-    title = "Fig. 7: L2 norm of each patch token before and after the Last LN (per image: white its smallest, red its largest)"
-    captioned(panels, 3, title, max(1, 128 // cfg.img_size)).save(out / "fig7_token_norms.png")
-
-    report = dict(source=source, model_config=asdict(cfg), images=n, data=args.data, **stats)
-    (out / "analysis.json").write_text(json.dumps(rounded(report)))
-    print(f"analysis of {source} over {n} {args.data} images -> {out}/")
-    print(f"{'layer':>5}  {'Fig. 4 r':>9}")
-    for l, r in enumerate(stats["fig4_correlation"]):
-        print(f"{l:>5}  {'-' if r is None else f'{r:+.4f}':>9}")
-    print(f"Last LN: var(beta) {last['beta_var']:.4f}  var(gamma) {last['gamma_var']:.4f}  "
-          f"cosine before/after {last['cosine']:.4f}")  # fmt: skip
-    print(
-        "wrote fig2_heatmaps.png, fig4_correlation.png, fig6_last_ln.png, fig7_token_norms.png, analysis.json"
-    )
-    return report
-
-
-# ----------------------------------------------------------------------------------------------
-# A workshop on a laptop: tiny models, and a task that only position solves
-
-
-class WhereIsThePlus(Dataset):
-    """16 x 16 noise images with a plus sign and a square, each at any pixel position; the label is
-    the cell of the 4 x 4 patch grid that holds the plus sign's centre. Centres are uniform over pixels
-    1..14, so the four middle cells are likelier: the commonest holds (4/14)^2 = 8.2% of the labels,
-    about what a model without position information can reach."""
-
-    PLUS = torch.tensor([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
-
-    def __init__(self, size: int, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(size, 3, 16, 16, generator=g) * 0.5
-        corners = torch.randint(0, 14, (size, 2, 2), generator=g)  # (image, plus/square, y/x) of 3 x 3 marks
-        for i in range(size):
-            for (y, x), mark in zip(corners[i].tolist(), (self.PLUS, torch.ones(3, 3))):
-                self.images[i, :, y : y + 3, x : x + 3] += mark
-        centre = corners[:, 0] + 1
-        self.labels = centre[:, 0] // 4 * 4 + centre[:, 1] // 4
-        self.images = (self.images - 0.75) / 0.5
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
-WORKSHOP_MODELS = [  # (pe, pool): every pairing of the paper's Fig. 1, and no PE at all
-    ("none", "gap"), ("default", "cls"), ("default", "gap"), ("lape", "cls"), ("lape", "gap"), ("pvg", "gap"), ("mpvg", "gap"),
-]  # fmt: skip
-
-
-def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: int = 1024):
-    train_set, val_set = WhereIsThePlus(train_size, args.seed), WhereIsThePlus(val_size, args.seed + 1)
-    print(f"workshop: {len(WORKSHOP_MODELS)} tiny ViTs (16 px, 4 px patches, 48 wide, 4 deep) learn where a plus "
-          f"sign is (16 classes; the commonest holds 8.2% of labels); {train_size} training images, {epochs} epochs, seed {args.seed}")  # fmt: skip
-    rows = []
-    for pe, pool in WORKSHOP_MODELS:
-        torch.manual_seed(args.seed)
-        cfg = Config(
-            img_size=16,
-            patch_size=4,
-            num_classes=16,
-            dim=48,
-            depth=4,
-            heads=3,
-            mlp_ratio=2.0,
-            pe=pe,
-            pool=pool,
-        )
-        model = VisionTransformer(cfg).to(device)
-        loader = DataLoader(train_set, batch_size=64, shuffle=True, drop_last=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, 2e-3, total_steps=epochs * len(loader), pct_start=0.1
-        )
-        start = time.perf_counter()
-        model.train()
-        for _ in tqdm(range(epochs), desc=f"{pe} ({pool})", leave=False, disable=None):
-            for img, target in loader:
-                train_step(model, optimizer, img.to(device), target.to(device), smoothing=0.0, amp=False)
-                schedule.step()
-        top1 = evaluate(model, DataLoader(val_set, batch_size=256), device, amp=False)["val_top1"]
-        stats = analyse(model, val_set.images[:64].to(device))
-        r = [x for x in stats["fig4_correlation"] if x is not None]
-        rows.append(dict(pe=pe, pool=pool, params=sum(p.numel() for p in model.parameters()), top1=top1,
-                         r_first=r[0] if r else None, r_last=r[-1] if r else None,
-                         beta_var=stats["last_ln"]["beta_var"], seconds=time.perf_counter() - start))  # fmt: skip
-    print(
-        f"{'PE':<9}{'pool':<6}{'params':>8}{'top-1':>8}  {'Fig. 4 r, first -> last PE layer':<34}{'var(beta)':>9}{'s':>5}"
-    )
-    for row in rows:
-        r = "-" if row["r_first"] is None else f"{row['r_first']:+.3f} -> {row['r_last']:+.3f}"
-        print(f"{row['pe']:<9}{row['pool']:<6}{row['params']:>8,}{row['top1']:>7.1f}%  {r:<34}"
-              f"{row['beta_var']:>9.4f}{row['seconds']:>5.0f}")  # fmt: skip
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------
-# CIFAR-100 on the device: the whole set as uint8, the recipe's augmentations run on whole batches
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small CPU tensor onto the device without making the host wait for the GPU (pinned, async)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def sample_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generator, fallback: str):
-    """torchvision's box sampling (RandomResizedCrop, RandomErasing) for n images at once: 10 tries
-    each of an area fraction and a log-uniform aspect ratio, the first that fits. Returns top, left,
-    h, w (n,) and whether a try fitted; `fallback` is "center" (crop) or "none" (erasing)."""
-    area = height * width * torch.empty(n, 10).uniform_(scale[0], scale[1], generator=g)
-    log_r = torch.empty(n, 10).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
-    aspect = torch.exp(log_r)
-    if fallback == "center":  # RandomResizedCrop: w from area * ratio, must fit inclusive
-        w, h = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    else:  # RandomErasing: h from area * ratio, must be strictly smaller
-        h, w = torch.sqrt(area * aspect).round().long(), torch.sqrt(area / aspect).round().long()
-        fits = (h < height) & (w < width)
-    found = fits.any(dim=1)
-    first = fits.long().argmax(dim=1)
-    h, w = h.gather(1, first[:, None])[:, 0], w.gather(1, first[:, None])[:, 0]
-    if fallback == "center":
-        in_ratio = width / height
-        if in_ratio < min(ratio):
-            cw, ch = width, int(round(width / min(ratio)))
-        elif in_ratio > max(ratio):
-            cw, ch = int(round(height * max(ratio))), height
-        else:
-            cw, ch = width, height
-        h, w = torch.where(found, h, ch), torch.where(found, w, cw)
-    top = (torch.rand(n, generator=g) * (height - h + 1).clamp(min=1)).long()
-    left = (torch.rand(n, generator=g) * (width - w + 1).clamp(min=1)).long()
-    if fallback == "center":
-        top, left = torch.where(found, top, (height - h) // 2), torch.where(found, left, (width - w) // 2)
-    return top, left, h, w, found
-
-
-def resized_crops(x: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
-    """Each image's own crop, resized bilinearly to size x size (as F.resized_crop, upsampling)."""
-    n, _, height, width = x.shape
-    steps = (torch.arange(size, device=x.device) + 0.5) / size
-
-    def axis(start, length, extent):  # interpolate's source pixels, clamped to the crop's edges
-        start, length = (
-            to_device(start.float(), x.device)[:, None],
-            to_device(length.float(), x.device)[:, None],
-        )
-        src = torch.maximum(torch.minimum(start + steps * length - 0.5, start + length - 1), start)
-        return (src + 0.5) / extent * 2 - 1  # grid_sample's coordinates, align_corners=False
-
-    gy, gx = axis(top, h, height), axis(left, w, width)
-    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def rand_augment_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
-    """One RandAugment operation on a uint8 batch, with torchvision's own conventions."""
-    nearest = InterpolationMode.NEAREST
-    if op in ("ShearX", "ShearY"):
-        shear = math.degrees(math.atan(magnitude))
-        shear = [shear, 0.0] if op == "ShearX" else [0.0, shear]
-        return TF.affine(
-            x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, center=[0, 0]
-        )
-    if op in ("TranslateX", "TranslateY"):
-        shift = [int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)]
-        return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=nearest)
-    ops = {
-        "Identity": lambda: x,
-        "Rotate": lambda: TF.rotate(x, angle=magnitude, interpolation=nearest),
-        "Brightness": lambda: TF.adjust_brightness(x, 1.0 + magnitude),
-        "Color": lambda: TF.adjust_saturation(x, 1.0 + magnitude),
-        "Contrast": lambda: TF.adjust_contrast(x, 1.0 + magnitude),
-        "Sharpness": lambda: TF.adjust_sharpness(x, 1.0 + magnitude),
-        "Posterize": lambda: TF.posterize(x, bits=int(magnitude)),
-        "Solarize": lambda: TF.solarize(x, threshold=255.0 * magnitude),
-        "AutoContrast": lambda: TF.autocontrast(x),
-        "Equalize": lambda: TF.equalize(x),
-    }
-    return ops[op]()
-
-
-def rand_augment_space(magnitude: int, bins: int, height: int, width: int) -> list:
-    """(name, magnitude, signed) of torchvision's RandAugment at this magnitude bin, computed as it does."""
-
-    def at(start, end):
-        return float(torch.linspace(start, end, bins)[magnitude])
-
-    posterize = float((8 - torch.arange(bins) / ((bins - 1) / 4)).round().int()[magnitude])
-    return [
-        ("Identity", 0.0, False), ("ShearX", at(0, 0.3), True), ("ShearY", at(0, 0.3), True),
-        ("TranslateX", at(0, 150.0 / 331.0 * width), True), ("TranslateY", at(0, 150.0 / 331.0 * height), True),
-        ("Rotate", at(0, 30.0), True), ("Brightness", at(0, 0.9), True), ("Color", at(0, 0.9), True),
-        ("Contrast", at(0, 0.9), True), ("Sharpness", at(0, 0.9), True), ("Posterize", posterize, False),
-        ("Solarize", at(1.0, 0.0), False), ("AutoContrast", 0.0, False), ("Equalize", 0.0, False),
-    ]  # fmt: skip
-
-
-class BatchAugment:
-    """The cifar recipe's per-image augmentations for a whole uint8 batch on its device.
-
-    Every image draws its own crop box, flip, two RandAugment operations with their signs, and
-    erasing box, by torchvision's own rules; torchvision's functionals then run once per group of
-    images that drew the same operation. The same parameters give the per-image path's output.
-    """
-
-    def __init__(self, args, size: int):
-        self.args, self.size = args, size
-        self.mean = torch.tensor(args.mean)[:, None, None]
-        self.std = torch.tensor(args.std)[:, None, None]
-        self.last = {}  # the parameters of the last batch, for tests and the curious
-
-    def __call__(
-        self, x: torch.Tensor, g: torch.Generator, g_device: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """x: (B, C, H, W) uint8 on its device. g draws the parameters (on the CPU, then moved without
-        a sync); g_device the erasing noise on x's device (g itself when that is the CPU)."""
-        a, n, device = self.args, x.shape[0], x.device
-        if self.mean.device != device:
-            self.mean, self.std = to_device(self.mean, device), to_device(self.std, device)
-        top, left, h, w, _ = sample_boxes(
-            n, x.shape[2], x.shape[3], (a.crop_scale, 1.0), (3 / 4, 4 / 3), g, "center"
-        )
-        x = resized_crops(x, top, left, h, w, self.size)
-        flip = torch.rand(n, generator=g) < 0.5
-        x = torch.where(to_device(flip, device)[:, None, None, None], x.flip(-1), x)
-        ops, signs = [], []
-        if a.randaug_magnitude > 0:
-            space = rand_augment_space(a.randaug_magnitude, 11, self.size, self.size)
-            for _ in range(2):
-                op = torch.randint(len(space), (n,), generator=g)
-                negative = torch.rand(n, generator=g) <= 0.5
-                ops.append(op), signs.append(negative)
-                for k, (name, magnitude, signed) in enumerate(space):
-                    for neg in (False, True) if signed else (False,):
-                        chosen = torch.nonzero((op == k) & (negative == neg) if signed else op == k)[:, 0]
-                        if len(chosen):
-                            chosen = to_device(chosen, device)
-                            x[chosen] = rand_augment_op(x[chosen], name, -magnitude if neg else magnitude)
-        x = (x.float() / 255 - self.mean) / self.std
-        erase = torch.rand(n, generator=g) < a.reprob
-        et, el, eh, ew, found = sample_boxes(n, self.size, self.size, (0.02, 0.33), (0.3, 3.3), g, "none")
-        erase &= found
-        if erase.any():
-            rows, cols = torch.arange(self.size)[None, :], torch.arange(self.size)[None, :]
-            inside_r = (rows >= et[:, None]) & (rows < (et + eh)[:, None])
-            inside_c = (cols >= el[:, None]) & (cols < (el + ew)[:, None])
-            mask = to_device(inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None], device)[
-                :, None
-            ]
-            noise = torch.randn(x.shape, generator=g_device or g, device=device)
-            x = torch.where(mask, noise, x)
-        self.last = dict(
-            crop=torch.stack([top, left, h, w], 1), flip=flip, ops=ops, negative=signs, erase=erase
-        )
-        return x
-
-
-class DeviceLoader:
-    """A data set held on the device as one uint8 tensor, served in batches augmented there.
-    Batch order comes from the same samplers as the DataLoader path; randomness from (seed, epoch, rank)."""
-
-    def __init__(
-        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last: bool = True
-    ):
-        self.images, self.labels, self.sampler = images, labels, sampler
-        self.batch_size, self.transform, self.seed, self.drop_last = batch_size, transform, seed, drop_last
-
-    def __len__(self):
-        full, rest = divmod(len(self.sampler), self.batch_size)
-        return full + (rest > 0 and not self.drop_last)
-
-    def __iter__(self):
-        keys = list(self.sampler)
-        epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
-        index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys])
-        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
-        device = self.images.device
-        g = torch.Generator().manual_seed(seed)  # the augmentations' parameters, drawn on the CPU
-        g_device = torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None  # noise
-        augment = isinstance(self.transform, BatchAugment)
-        for b in range(len(self)):
-            chosen = to_device(index[b * self.batch_size : (b + 1) * self.batch_size], device)
-            x, y = self.images[chosen], self.labels[chosen]
-            yield (self.transform(x, g, g_device) if augment else self.transform(x)), y
-
-
-def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A data set of images and labels as (N, C, H, W) uint8 and (N,) int64 tensors on the device."""
-    if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # torchvision's CIFAR: (N, H, W, C) numpy
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        labels = torch.tensor(dataset.targets)
-    else:
-        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
-        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    return images.to(device), labels.to(device)
 
 
 def use_device_data(args, device) -> bool:
