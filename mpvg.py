@@ -27,7 +27,8 @@ AUTO = "auto"  # a knob left at AUTO takes the value that the `pe` mode gives it
 PE_MODES = {
     # ViT/DeiT: PE added once to the patches, Eq. (1).
     "default": dict(pe_input=True, pe_layers="none", pe_hierarchical=True, last_pe=None, pool="cls"),
-    # LaPE (Yu et al. 2023): no PE on the patches, Eq. (5); every layer gets its own LN'_l, Eqs. (6)-(7).
+    # LaPE (Yu et al. 2023): no PE on the patches, Eq. (5); layer l gets LN'_l(pos_l) with
+    # pos_l = LN'_{l-1}(pos_{l-1}), Eqs. (6)-(7).
     "lape": dict(pe_input=False, pe_layers="all", pe_hierarchical=True, last_pe=None, pool="cls"),
     # PVG: PE on the patches, Eq. (8), and layer-wise from layer 1 on, Eqs. (9)-(10).
     "pvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=None, pool="gap"),
@@ -43,7 +44,7 @@ PRESETS = {
     "deit_base": dict(dim=768, heads=12),
     "vit_lite_7_4": dict(
         img_size=32, patch_size=4, num_classes=100, dim=256, depth=7, heads=4, mlp_ratio=2.0,
-        qkv_bias=False, norm_eps=1e-5,
+        qkv_bias=False, norm_eps=1e-5, init="cct",
     ),
 }  # fmt: skip
 
@@ -62,6 +63,7 @@ class Config:
     norm_eps: float = 1e-6  # DeiT: 1e-6; ViT-Lite: 1e-5 (PyTorch's default)
     drop_path: float = 0.0  # stochastic depth of the last layer, linear from 0 at layer 0 (DeiT)
     attn_drop: float = 0.0  # dropout on the attention weights (ViT-Lite's recipe: 0.1)
+    init: str = "deit"  # "deit" (timm's DeiT) or "cct" (Compact Transformers' ViT-Lite): see init_weights
     pe: str = "default"  # a mode of PE_MODES; it presets the knobs below that are left at AUTO
     pool: str = AUTO  # "cls": read the class token; "gap": average all tokens
     pe_input: bool | str = AUTO  # add pos to the patches before layer 0, Eq. (1)/(8); else Eq. (5)
@@ -91,6 +93,15 @@ class Config:
             f"choose sizes with img_size = n * patch_size",
         )
         check(self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}")
+        check(
+            isinstance(self.mlp_ratio, (int, float)) and int(self.dim * self.mlp_ratio) >= 1,
+            f"mlp_ratio must give the MLP at least one hidden unit (dim * mlp_ratio >= 1), got {self.mlp_ratio!r}",
+        )
+        check(
+            isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+            f"norm_eps must be a positive number (LayerNorm divides by sqrt(var + eps)), got {self.norm_eps!r}",
+        )
+        check(self.init in ("deit", "cct"), f"unknown init {self.init!r}: choose 'deit' or 'cct'")
         check(self.pool in ("cls", "gap"), f"unknown pool {self.pool!r}: choose 'cls' or 'gap'")
         check(
             self.pe_layers in ("none", "all", "skip0"),
@@ -200,8 +211,8 @@ class Block(nn.Module):
         """x: x_l (B, N, D); pos: the PE this layer receives, already through pe_norm (1, N, D)."""
         h = self.norm1(x)
         if pos is not None:
-            h = h + pos  # Eq. (6)/(9): MSA(LN_l(x_l) + LN'_l(pos_l))
-        x = x + drop_path(self.attn(h), self.drop_path, self.training)  # Eq. (2): x'_l
+            h = h + pos  # Eq. (6): LN_l(x_l) + LN'_l(pos_l); Eq. (9): LN_l(x_l) + LN'_l(pos_{l-1})
+        x = x + drop_path(self.attn(h), self.drop_path, self.training)  # x'_l: Eq. (2), or (6)/(9) with PE
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # Eq. (3): x_{l+1}
 
 
@@ -213,7 +224,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         # pos = pos_0: one learnable row per token, the class slot included (as in DeiT and LaPE).
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim)) if cfg.has_pos_embed else None
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
             Block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
         )
@@ -225,10 +236,17 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """DeiT's initialisation: truncated normal (std 0.02) weights, zero biases, LayerNorm 1 and 0."""
-        for p in (self.pos_embed, self.cls_token):
-            if p is not None:
-                nn.init.trunc_normal_(p, std=0.02)
+        """Linear weights truncated normal (std 0.02), their biases 0, LayerNorms 1 and 0, as both anchors.
+        init="deit" (DeiT, via timm): pos_embed and cls_token truncated normal (std 0.02), the patch
+        convolution PyTorch's default. init="cct" (Compact Transformers' ViT-Lite): pos_embed truncated
+        normal with std 0.2, cls_token 0, the patch convolution's weight Kaiming normal."""
+        cct = self.cfg.init == "cct"
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.2 if cct else 0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token) if cct else nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if cct:
+            nn.init.kaiming_normal_(self.patch_embed.proj.weight)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -242,6 +260,10 @@ class VisionTransformer(nn.Module):
     def layer_pos(self) -> list[torch.Tensor | None]:
         """The PE each layer l receives, (1, N, D), or None: Eqs. (6)-(7), (9)-(10) and Table 6.
 
+        Eq. (7) (LaPE): pos_l = LN'_{l-1}(pos_{l-1}) and layer l receives LN'_l(pos_l). Eq. (10) (PVG):
+        pos_l = LN'_l(pos_{l-1}) and layer l receives pos_l. Both say: each receiving layer applies its
+        own LN'_l to what the previous receiving layer received, starting from pos_0 = pos.
+
         pos is input-independent, so this runs once per forward on one (1, N, D) tensor, not per sample.
         """
         received, pos = [], self.pos_embed  # pos_0 = pos
@@ -249,7 +271,7 @@ class VisionTransformer(nn.Module):
             if block.pe_norm is None:
                 received.append(None)
                 continue
-            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else self.pos_embed)  # Eq. (7)/(10)
+            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else self.pos_embed)  # Eq. (7)/(10); Table 6
             received.append(pos)
         return received
 
@@ -309,6 +331,14 @@ def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
             f"unknown model option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
         )
     return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
+
+
+def load_model(path, map_location="cpu") -> VisionTransformer:
+    """The model of a train.py checkpoint (best.pt or checkpoint.pt), with its weights, in eval mode."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    model = VisionTransformer(Config(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
