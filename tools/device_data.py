@@ -1,6 +1,9 @@
-"""CIFAR-100 on the device: the whole set as uint8, the cifar recipe's augmentations run on whole batches.
+"""CIFAR-100 on the device: the whole set as uint8, the cifar recipe's augmentations run on whole chunks.
 
-train.py imports this for --device-data; it imports nothing of the project's back.
+Every image still draws its own crop, resampling, flip, RandAugment ops and erasing box, by the rules of
+torchvision's and timm's per-image transforms; the work then runs once per chunk of the epoch (or once
+per group of images that drew the same op) instead of once per image. train.py imports this for
+--device-data; it imports nothing of the project's back.
 """
 
 from __future__ import annotations
@@ -8,9 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
+
+from tools import randaugment
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -50,81 +52,51 @@ def sample_boxes(n: int, height: int, width: int, scale, ratio, g: torch.Generat
     return top, left, h, w, found
 
 
-def resized_crops(x: torch.Tensor, top, left, h, w, size: int) -> torch.Tensor:
-    """Each image's own crop, resized bilinearly to size x size (as F.resized_crop, upsampling)."""
-    n, _, height, width = x.shape
-    steps = (torch.arange(size, device=x.device) + 0.5) / size
-
-    def axis(start, length, extent):  # interpolate's source pixels, clamped to the crop's edges
-        start, length = (
-            to_device(start.float(), x.device)[:, None],
-            to_device(length.float(), x.device)[:, None],
-        )
-        src = torch.maximum(torch.minimum(start + steps * length - 0.5, start + length - 1), start)
-        return (src + 0.5) / extent * 2 - 1  # grid_sample's coordinates, align_corners=False
-
-    gy, gx = axis(top, h, height), axis(left, w, width)
-    grid = torch.stack([gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)], dim=-1)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+def cubic(t: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """The bicubic kernel of PIL and torch's antialiased resize (a = -0.5)."""
+    t = t.abs()
+    near = ((a + 2) * t - (a + 3)) * t * t + 1
+    far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
-def rand_augment_op(x: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
-    """One RandAugment operation on a uint8 batch, with torchvision's own conventions."""
-    nearest = InterpolationMode.NEAREST
-    if op in ("ShearX", "ShearY"):
-        shear = math.degrees(math.atan(magnitude))
-        shear = [shear, 0.0] if op == "ShearX" else [0.0, shear]
-        return TF.affine(
-            x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, interpolation=nearest, center=[0, 0]
-        )
-    if op in ("TranslateX", "TranslateY"):
-        shift = [int(magnitude), 0] if op == "TranslateX" else [0, int(magnitude)]
-        return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], interpolation=nearest)
-    ops = {
-        "Identity": lambda: x,
-        "Rotate": lambda: TF.rotate(x, angle=magnitude, interpolation=nearest),
-        "Brightness": lambda: TF.adjust_brightness(x, 1.0 + magnitude),
-        "Color": lambda: TF.adjust_saturation(x, 1.0 + magnitude),
-        "Contrast": lambda: TF.adjust_contrast(x, 1.0 + magnitude),
-        "Sharpness": lambda: TF.adjust_sharpness(x, 1.0 + magnitude),
-        "Posterize": lambda: TF.posterize(x, bits=int(magnitude)),
-        "Solarize": lambda: TF.solarize(x, threshold=255.0 * magnitude),
-        "AutoContrast": lambda: TF.autocontrast(x),
-        "Equalize": lambda: TF.equalize(x),
-    }
-    return ops[op]()
+def resize_weights(start, length, size: int, extent: int, bicubic) -> torch.Tensor:
+    """(n, size, extent): each output pixel's weights over the input pixels of one axis, for crops
+    [start, start + length) resized to `size`, as torch's antialiased resize computes them (PIL's rule:
+    the kernel widens by the scale when shrinking; taps outside the crop are dropped)."""
+    scale = (length / size).double()[:, None, None]  # (n, 1, 1)
+    centre = start.double()[:, None, None] + scale * (
+        torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5
+    )
+    pixel = torch.arange(extent, dtype=torch.float64)[None, None, :] + 0.5
+    t = (pixel - centre) / scale.clamp(min=1.0)
+    w = torch.where(bicubic[:, None, None], cubic(t), (1 - t.abs()).clamp(min=0))
+    inside = (pixel >= start[:, None, None]) & (pixel < (start + length)[:, None, None])
+    w = w * inside
+    return (w / w.sum(dim=-1, keepdim=True)).float()
 
 
-def rand_augment_space(magnitude: int, bins: int, height: int, width: int) -> list:
-    """(name, magnitude, signed) of torchvision's RandAugment at this magnitude bin, computed as it does."""
-
-    def at(start, end):
-        return float(torch.linspace(start, end, bins)[magnitude])
-
-    posterize = float((8 - torch.arange(bins) / ((bins - 1) / 4)).round().int()[magnitude])
-    return [
-        ("Identity", 0.0, False), ("ShearX", at(0, 0.3), True), ("ShearY", at(0, 0.3), True),
-        ("TranslateX", at(0, 150.0 / 331.0 * width), True), ("TranslateY", at(0, 150.0 / 331.0 * height), True),
-        ("Rotate", at(0, 30.0), True), ("Brightness", at(0, 0.9), True), ("Color", at(0, 0.9), True),
-        ("Contrast", at(0, 0.9), True), ("Sharpness", at(0, 0.9), True), ("Posterize", posterize, False),
-        ("Solarize", at(1.0, 0.0), False), ("AutoContrast", 0.0, False), ("Equalize", 0.0, False),
-    ]  # fmt: skip
+def resized_crops(x: torch.Tensor, top, left, h, w, size: int, bicubic) -> torch.Tensor:
+    """Each image's own crop, resized to size x size, bilinear or bicubic per image, antialiased as
+    torchvision's resized_crop of a uint8 image (and PIL): the horizontal pass, rounded to uint8, then
+    the vertical pass, each one batched matrix product."""
+    rows = to_device(resize_weights(top, h, size, x.shape[2], bicubic), x.device)  # (n, size, H)
+    cols = to_device(resize_weights(left, w, size, x.shape[3], bicubic), x.device)  # (n, size, W)
+    wide = torch.einsum("nchw,njw->nchj", x.float(), cols).round_().clamp_(0, 255)
+    return torch.einsum("nih,nchj->ncij", rows, wide).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class BatchAugment:
-    """The cifar recipe's per-image augmentations for a whole uint8 batch on its device.
-
-    Every image draws its own crop box, flip, two RandAugment operations with their signs, and
-    erasing box, by torchvision's own rules; torchvision's functionals then run once per group of
-    images that drew the same operation. The same parameters give the per-image path's output.
-    """
+    """A recipe's per-image training augmentations, for a whole uint8 batch on its device: a random
+    resized crop (bilinear or bicubic per image under the cifar recipe's `random`), a flip, timm's
+    RandAugment, normalisation and random erasing with per-pixel noise."""
 
     def __init__(self, args, size: int):
         self.args, self.size = args, size
         self.mean = torch.tensor(args.mean)[:, None, None]
         self.std = torch.tensor(args.std)[:, None, None]
-        self.last = {}  # the parameters of the last batch, for tests and the curious
+        self.fill = randaugment.fill_colour(args.mean)
+        self.last = {}  # what the last batch drew, for the curious
 
     def __call__(
         self, x: torch.Tensor, g: torch.Generator, g_device: torch.Generator | None = None
@@ -137,50 +109,53 @@ class BatchAugment:
         top, left, h, w, _ = sample_boxes(
             n, x.shape[2], x.shape[3], (a.crop_scale, 1.0), (3 / 4, 4 / 3), g, "center"
         )
-        x = resized_crops(x, top, left, h, w, self.size)
-        flip = torch.rand(n, generator=g) < 0.5
+        bicubic = (
+            (torch.rand(n, generator=g) < 0.5)
+            if a.interpolation == "random"
+            else torch.full((n,), a.interpolation == "bicubic")
+        )
+        x = resized_crops(x, top, left, h, w, self.size, bicubic)
+        flip = torch.rand(n, generator=g) < a.hflip
         x = torch.where(to_device(flip, device)[:, None, None, None], x.flip(-1), x)
-        ops, signs = [], []
+        choices = None
         if a.randaug_magnitude > 0:
-            space = rand_augment_space(a.randaug_magnitude, 11, self.size, self.size)
-            for _ in range(2):
-                op = torch.randint(len(space), (n,), generator=g)
-                negative = torch.rand(n, generator=g) <= 0.5
-                ops.append(op), signs.append(negative)
-                for k, (name, magnitude, signed) in enumerate(space):
-                    for neg in (False, True) if signed else (False,):
-                        chosen = torch.nonzero((op == k) & (negative == neg) if signed else op == k)[:, 0]
-                        if len(chosen):
-                            chosen = to_device(chosen, device)
-                            x[chosen] = rand_augment_op(x[chosen], name, -magnitude if neg else magnitude)
+            choices = randaugment.draw(n, g, a.randaug_magnitude, interpolation=a.interpolation)
+            x = randaugment.apply(x, choices, self.fill)
         x = (x.float() / 255 - self.mean) / self.std
         erase = torch.rand(n, generator=g) < a.reprob
-        et, el, eh, ew, found = sample_boxes(n, self.size, self.size, (0.02, 0.33), (0.3, 3.3), g, "none")
+        et, el, eh, ew, found = sample_boxes(
+            n, self.size, self.size, (0.02, 1 / 3), (0.3, 1 / 0.3), g, "none"
+        )
         erase &= found
         if erase.any():
             rows, cols = torch.arange(self.size)[None, :], torch.arange(self.size)[None, :]
             inside_r = (rows >= et[:, None]) & (rows < (et + eh)[:, None])
             inside_c = (cols >= el[:, None]) & (cols < (el + ew)[:, None])
-            mask = to_device(inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None], device)[
-                :, None
-            ]
+            mask = inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None]
             noise = torch.randn(x.shape, generator=g_device or g, device=device)
-            x = torch.where(mask, noise, x)
+            x = torch.where(to_device(mask, device)[:, None], noise, x)
         self.last = dict(
-            crop=torch.stack([top, left, h, w], 1), flip=flip, ops=ops, negative=signs, erase=erase
+            crop=torch.stack([top, left, h, w], 1),
+            bicubic=bicubic,
+            flip=flip,
+            randaugment=choices,
+            erase=erase,
         )
         return x
 
 
 class DeviceLoader:
-    """A data set held on the device as one uint8 tensor, served in batches augmented there.
-    Batch order comes from the same samplers as the DataLoader path; randomness from (seed, epoch, rank)."""
+    """A data set held on the device as one uint8 tensor, served in batches augmented there, a chunk of
+    `chunk` images at a time. Batch order comes from the same samplers as the DataLoader path;
+    randomness from (seed, epoch, rank). Batches are plain tensors."""
 
     def __init__(
-        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last: bool = True
-    ):
+        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last: bool = True,
+        chunk: int = 8192,
+    ):  # fmt: skip
         self.images, self.labels, self.sampler = images, labels, sampler
         self.batch_size, self.transform, self.seed, self.drop_last = batch_size, transform, seed, drop_last
+        self.chunk = max(1, chunk // batch_size) * batch_size  # whole batches
 
     def __len__(self):
         full, rest = divmod(len(self.sampler), self.batch_size)
@@ -189,16 +164,19 @@ class DeviceLoader:
     def __iter__(self):
         keys = list(self.sampler)
         epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
-        index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys])
+        index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys], dtype=torch.long)
+        index = index[: len(self) * self.batch_size]  # without drop_last: the slice keeps every key
         seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
         device = self.images.device
         g = torch.Generator().manual_seed(seed)  # the augmentations' parameters, drawn on the CPU
         g_device = torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None  # noise
         augment = isinstance(self.transform, BatchAugment)
-        for b in range(len(self)):
-            chosen = to_device(index[b * self.batch_size : (b + 1) * self.batch_size], device)
+        for start in range(0, len(index), self.chunk):
+            chosen = to_device(index[start : start + self.chunk], device)
             x, y = self.images[chosen], self.labels[chosen]
-            yield (self.transform(x, g, g_device) if augment else self.transform(x)), y
+            x = self.transform(x, g, g_device) if augment else self.transform(x)
+            for b in range(0, len(chosen), self.batch_size):
+                yield x[b : b + self.batch_size], y[b : b + self.batch_size]
 
 
 def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
