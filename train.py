@@ -1,25 +1,26 @@
-"""Train MPVG models with plain DDP: CIFAR-100, ImageNet (any ImageFolder) or synthetic data.
+"""Train MPVG models with plain DDP: CIFAR-100, ImageNet (any ImageFolder) or built-in data.
 
-    python train.py --data synthetic --epochs 2                      # one process: a CPU or one GPU
+    python train.py --data synthetic --epochs 3                      # one process: a CPU or one GPU
     torchrun --standalone --nproc_per_node=8 train.py --data imagenet --data-path /data/imagenet \
         --model deit_small --pe mpvg                                 # the paper's Table 1 recipe
     python train.py --eval-only --resume runs/mpvg/best.pt          # top-1 / top-5 of a checkpoint
 
-The benchmark, the paper's analysis figures, the workshop and the batched device augmentation live in
-tools/, one file each.
-
-Every recipe value (paper Table 7, with the anchors' details) is a flag; `--help` lists them.
+Every recipe value (paper Table 7, with the anchors' details) is a flag; `--help` lists them. The
+benchmark, the analysis figures, the workshop and the device augmentation live in tools/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import math
 import os
+import pickle
 import random
+import signal
 import sys
 import time
+import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,31 +29,45 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
+from tools.builtin_data import NoiseImages, PlusSigns
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
+from tools.pretrained import load_pretrained
+from tools.randaugment import RandAugment
+from tools.run_folder import FolderError, RunFolder, save_atomically
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
-# Paper Table 7 with the anchors' defaults: facebookresearch/deit (ImageNet) and
-# SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100).
+# Paper Table 7 with the anchors' values: facebookresearch/deit main.py (ImageNet) and
+# SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100); the README cites each row.
 RECIPES = {
     "deit": dict(
         model="deit_tiny", epochs=300, cooldown_epochs=0, batch_size=1024, lr=5e-4, lr_batch_scale=512,
-        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=5, weight_decay=0.05, drop_path=0.1, attn_drop=0.0,
-        smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25, repeated_aug=3,
-        crop_scale=0.08, eval_crop=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=5, weight_decay=0.05, decay_pos_embed=False,
+        drop_path=0.1, attn_drop=0.0, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25,
+        repeated_aug=3, crop_scale=0.08, hflip=0.5, eval_crop=0.875, interpolation="bicubic",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
     ),
     "cifar": dict(
         model="vit_lite_7_4", epochs=310, cooldown_epochs=10, batch_size=128, lr=6e-4, lr_batch_scale=0,
-        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=10, weight_decay=0.06, drop_path=0.1, attn_drop=0.1,
-        smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25, repeated_aug=1,
-        crop_scale=0.8, eval_crop=1.0, interpolation="bilinear", mean=CIFAR100_MEAN, std=CIFAR100_STD,
+        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=10, weight_decay=0.06, decay_pos_embed=True,
+        drop_path=0.1, attn_drop=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25,
+        repeated_aug=1, crop_scale=0.8, hflip=0.5, eval_crop=1.0, interpolation="random",
+        mean=CIFAR100_MEAN, std=CIFAR100_STD,
+    ),
+    # The built-in position task (--data synthetic): CPU minutes, nothing that moves or mixes pixels.
+    "synthetic": dict(
+        model="vit_lite_7_4", epochs=10, cooldown_epochs=0, batch_size=64, lr=1e-3, lr_batch_scale=0,
+        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=1, weight_decay=0.05, decay_pos_embed=False,
+        drop_path=0.0, attn_drop=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug_magnitude=0, reprob=0.0,
+        repeated_aug=1, crop_scale=1.0, hflip=0.0, eval_crop=1.0, interpolation="bicubic",
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     ),
 }  # fmt: skip
 
@@ -60,11 +75,23 @@ MODEL_FLAGS = [  # flag dest -> Config field; None on the command line means "fr
     "pe", "pool", "pe_input", "pe_layers", "pe_hierarchical", "last_pe",
     "img_size", "patch_size", "dim", "depth", "heads",
 ]  # fmt: skip
+RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( and ) exclude it
+    "epochs": "[1, inf)", "cooldown_epochs": "[0, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)",
+    "accum_steps": "[1, inf)", "lr": "(0, inf)", "lr_batch_scale": "[0, inf)", "min_lr": "[0, inf)",
+    "warmup_lr": "[0, inf)", "weight_decay": "[0, inf)", "drop_path": "[0, 1)", "attn_drop": "[0, 1)",
+    "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_magnitude": "[0, 10]",
+    "reprob": "[0, 1]", "repeated_aug": "[1, inf)", "crop_scale": "(0, 1]", "hflip": "[0, 1]",
+    "eval_crop": "(0, 1]", "synthetic_size": "[1, inf)", "workers": "[0, inf)", "log_every": "[1, inf)",
+}  # fmt: skip
 
 
 def fail(message: str):
-    """A user error: one clear line, no traceback."""
-    raise SystemExit(f"train.py: error: {message}")
+    """A user error: one clear line (from rank 0 only), no traceback, a non-zero exit."""
+    raise SystemExit(f"train.py: error: {message}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+
+
+class DataError(Exception):
+    """A training image that cannot be read; raised in a loader worker, reported in one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,18 +119,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
     g = p.add_argument_group("data")
-    g.add_argument("--data", choices=["cifar100", "imagenet", "synthetic"], default=default)
+    g.add_argument("--data", choices=["cifar100", "imagenet", "synthetic", "noise"], default=default,
+                   help="synthetic: a built-in task that only position solves; noise: random images and "
+                        "labels (for benchmarks)")  # fmt: skip
     g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
-    g.add_argument("--synthetic-size", type=int, default=2560, help="training images of --data synthetic")
+    g.add_argument("--synthetic-size", type=int, default=2560, help="training images of synthetic and noise")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per rank")
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
-                   help="hold the data set on the device as uint8 and augment whole batches there "
-                        "(cifar recipe; auto: on for cifar100 on CUDA)")  # fmt: skip
+                   help="hold the data set on the device as uint8 and augment whole chunks there "
+                        "(fixed-size sets; auto: on for cifar100 on CUDA)")  # fmt: skip
 
 
 def add_model_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("model (unset: the preset's value, or the checkpoint's on --resume)")
-    g.add_argument("--model", choices=list(PRESETS), default=None, help="preset [from --recipe]")
+    models = ", ".join(f"{r}: {RECIPES[r]['model']}" for r in RECIPES)
+    g.add_argument("--model", choices=list(PRESETS), default=None, help=f"preset [from --recipe; {models}]")
     g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
     g.add_argument("--pool", choices=["cls", "gap"], default=None, help="[from --pe]")
     g.add_argument(
@@ -119,32 +149,37 @@ def add_model_flags(p: argparse.ArgumentParser):
 
 
 def add_recipe_flags(p: argparse.ArgumentParser):
-    def recipe_flag(name, type, help):
+    def recipe_flag(name, type, help, **kw):
         key = name.lstrip("-").replace("-", "_")
         values = ", ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES)
-        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip())
+        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip(), **kw)
 
-    g = p.add_argument_group("recipe (--recipe deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite)")
-    g.add_argument("--recipe", choices=list(RECIPES), default=None, help="[deit for imagenet, else cifar]")
+    g = p.add_argument_group("recipe (deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite; synthetic: built-in)")
+    g.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="[deit for imagenet and DeiT models on noise; synthetic for synthetic; else cifar]")  # fmt: skip
     recipe_flag("--epochs", int, "epochs in all, cooldown included")
     recipe_flag("--cooldown-epochs", int, "last epochs held at --min-lr")
-    recipe_flag("--batch-size", int, "global batch, split over the ranks")
+    recipe_flag("--batch-size", int, "global batch, split over the ranks (and --accum-steps)")
     recipe_flag("--lr", float, "peak learning rate, before the batch scaling")
     recipe_flag("--lr-batch-scale", int, "lr is scaled by batch / this (0: no scaling)")
     recipe_flag("--min-lr", float, "end of the cosine")
     recipe_flag("--warmup-lr", float, "linear warmup starts here")
     recipe_flag("--warmup-epochs", int, "")
-    recipe_flag("--weight-decay", float, "AdamW, not on biases, norms, pos_embed, cls_token")
+    recipe_flag("--weight-decay", float, "AdamW; never on biases and LayerNorms")
+    recipe_flag("--decay-pos-embed", boolean, "weight decay on pos_embed and cls_token too")
     recipe_flag("--drop-path", float, "stochastic depth of the last layer")
     recipe_flag("--attn-drop", float, "dropout on attention weights")
     recipe_flag("--smoothing", float, "label smoothing")
     recipe_flag("--mixup", float, "Mixup alpha (0: off)")
     recipe_flag("--cutmix", float, "CutMix alpha (0: off); with both on, one of the two per batch")
-    recipe_flag("--randaug-magnitude", int, "RandAugment, 2 ops, magnitude of 10 (0: off)")
+    recipe_flag("--randaug-magnitude", int, "timm's RandAugment rand-mM-mstd0.5-inc1, M of 10 (0: off)")
     recipe_flag("--reprob", float, "random erasing probability, per-pixel noise")
-    recipe_flag("--repeated-aug", int, "repeated augmentation count in distributed runs (1: off)")
+    recipe_flag("--repeated-aug", int, "copies of each image per epoch, in the same step (1: off)")
     recipe_flag("--crop-scale", float, "smallest area of RandomResizedCrop")
+    recipe_flag("--hflip", float, "horizontal flip probability")
     recipe_flag("--eval-crop", float, "center crop over resize at evaluation")
+    recipe_flag("--interpolation", str, "of the training crop and RandAugment (evaluation: bicubic for random)",
+                choices=["bilinear", "bicubic", "random"])  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,41 +190,62 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_recipe_flags(p)
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output-dir", default="runs/default", help="checkpoints and metrics.jsonl")
-    g.add_argument("--resume", default=None, help="a checkpoint path, or auto: the newest in --output-dir")
+    g.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
+    g.add_argument("--output-dir", default="runs/default", help="checkpoints and metrics.jsonl of one run")
+    g.add_argument("--resume", default=None,
+                   help="continue a run from its checkpoint: a path (the run's own folder is written), or "
+                        "auto: the newest in --output-dir")  # fmt: skip
+    g.add_argument("--finetune", default=None, metavar="CKPT",
+                   help="start a new run from these weights (train.py's, DeiT's or timm's): a new head "
+                        "for another class count, pos_embed resized to --img-size")  # fmt: skip
     g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step: the same update as "
+                   "the whole --batch-size at once, in less memory")  # fmt: skip
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)")  # fmt: skip
     g.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     return p
+
+
+def check_ranges(args: argparse.Namespace):
+    """Every numeric flag within its range (RANGES), or one line that says which and why."""
+    for key, interval in RANGES.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        ok = math.isfinite(value) and (low <= value if interval[0] == "[" else low < value)
+        ok = ok and (value <= high if interval[-1] == "]" else value < high)
+        if not ok:
+            fail(f"--{key.replace('_', '-')} must be in {interval}, got {value}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    given = {
+    args.given = {
         a.dest for a in p._actions for o in a.option_strings for x in argv if x == o or x.startswith(o + "=")
     }
+    if args.resume and args.finetune:
+        fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
     args.resume_path, args.resume_state = find_checkpoint(args), None
+    if args.eval_only and not args.resume_path:
+        where = f"none in {args.output_dir} yet" if args.resume == "auto" else "none was given"
+        fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
     if args.resume_path:  # a resumed run is the same run: what is not given again comes from it
         args.resume_state = load_checkpoint(args.resume_path)
         for key, value in args.resume_state["args"].items():
-            if key in INHERITED and key not in given:
+            if key in INHERITED and key not in args.given:
                 setattr(args, key, value)
-    if args.eval_only and not args.resume_path:
-        fail(f"--eval-only needs --resume CHECKPOINT (with auto: none in {args.output_dir} yet)")
+        if args.resume != "auto" and "output_dir" not in args.given:
+            args.output_dir = str(args.resume_path.parent)  # the run's own folder, not runs/default
     return resolve_recipe(args)
 
 
-INHERITED = {
-    "data",
-    "data_path",
-    "synthetic_size",
-    "recipe",
-    "seed",
-    *(k for k in RECIPES["deit"] if k != "model"),
-}
+INHERITED = {"data", "data_path", "synthetic_size", "recipe", "seed", "accum_steps",
+             *(k for k in RECIPES["deit"] if k != "model")}  # fmt: skip
 
 
 def find_checkpoint(args) -> Path | None:
@@ -201,35 +257,23 @@ def find_checkpoint(args) -> Path | None:
 
 
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """The recipe's value for every recipe flag left unset."""
+    """The recipe's value for every recipe flag left unset, then every number checked."""
     if args.recipe is None:
         deit_model = (args.model or "").startswith("deit")
-        args.recipe = (
-            "deit" if args.data == "imagenet" or (args.data == "synthetic" and deit_model) else "cifar"
+        synthetic, deit = (
+            args.data == "synthetic",
+            args.data == "imagenet" or (args.data == "noise" and deit_model),
         )
+        args.recipe = "synthetic" if synthetic else "deit" if deit else "cifar"
     for key, value in RECIPES[args.recipe].items():
         if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
             setattr(args, key, value)
+    check_ranges(args)
     return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
-
-
-class SyntheticImages(Dataset):
-    """Random uint8 images and labels, made on the fly from the index: no disk, same every time."""
-
-    def __init__(self, size: int, num_classes: int, img_size: int, seed: int):
-        self.size, self.num_classes, self.img_size, self.seed = size, num_classes, img_size, seed
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        img = torch.randint(0, 256, (3, self.img_size, self.img_size), dtype=torch.uint8, generator=g)
-        return img, int(torch.randint(self.num_classes, (), generator=g))
 
 
 class Augmented(Dataset):
@@ -248,7 +292,11 @@ class Augmented(Dataset):
 
     def __getitem__(self, key):
         index, epoch, copy = key if isinstance(key, tuple) else (key, 0, 0)  # a plain index: evaluation
-        img, label = self.dataset[index]
+        try:
+            img, label = self.dataset[index]
+        except Exception as e:  # a corrupt, truncated or non-image file: name it
+            where = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}"
+            raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); delete or replace it") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(
                 (((self.seed * 1_000_003 + epoch) * 101 + copy) * 1_000_000_007 + index) % 2**63
@@ -256,19 +304,15 @@ class Augmented(Dataset):
             return self.transform(img), label
 
 
-class EpochSampler(DistributedSampler):
-    """torch's DistributedSampler (shuffle with seed + epoch, rank::world), yielding (index, epoch, 0)."""
+class EpochSampler(Sampler):
+    """Each epoch's shuffled order (seed + epoch), dealt to the ranks in turn, as (index, epoch, copy).
+    With repeats > 1 it is DeiT's repeated augmentation (its RASampler, on any number of processes): each
+    image appears `repeats` times, its copies side by side in the order and so in the same global step,
+    each with its own augmentation. An epoch has len(dataset) samples in all, the last partial round
+    dropped (DeiT also rounds it down to a multiple of 256; we do not). With repeats = 1 this is torch's
+    DistributedSampler with shuffle and drop_last, to the index."""
 
-    def __iter__(self):
-        return ((i, self.epoch, 0) for i in super().__iter__())
-
-
-class RepeatedAugSampler(Sampler):
-    """DeiT's repeated augmentation, which torchvision lacks: each image appears `repeats` times per epoch,
-    spread over the ranks so that each copy gets its own augmentation. An epoch still has len(dataset)
-    samples in all (DeiT also rounds that down to a multiple of 256; we do not)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, repeats: int, seed: int):
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
         self.n, self.world, self.rank, self.repeats, self.seed, self.epoch = (
             len(dataset), num_replicas, rank, repeats, seed, 0,
         )  # fmt: skip
@@ -285,38 +329,42 @@ class RepeatedAugSampler(Sampler):
         order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
         copy = torch.arange(len(order)) % self.repeats  # which of the repeats: each its own augmentation
         mine = torch.arange(self.rank, len(order), self.world)[: self.num_samples]
-        mine = mine[torch.randperm(len(mine), generator=g)]  # copies not at the same step on every rank
         return ((int(order[k]), self.epoch, int(copy[k])) for k in mine)
 
 
 def build_transforms(args: argparse.Namespace, img_size: int):
-    interpolation = getattr(InterpolationMode, args.interpolation.upper())
-    train = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=interpolation),
-        v2.RandomHorizontalFlip(),
-    ]
-    if args.randaug_magnitude > 0:  # timm's m9 is 9 of 10: magnitude bins 0..10 (see README)
-        train.append(v2.RandAugment(num_ops=2, magnitude=args.randaug_magnitude, num_magnitude_bins=11))
+    """The recipe's per-image training and evaluation transforms (timm's order), on uint8 tensors;
+    both end in plain tensors (no tv_tensors subclass reaches the model)."""
+    mode = lambda name: getattr(InterpolationMode, name.upper())  # noqa: E731
+    crops = [v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=mode(m))
+             for m in (("bilinear", "bicubic") if args.interpolation == "random" else (args.interpolation,))]  # fmt: skip
+    train = [v2.ToImage(), v2.ToPureTensor(), v2.RandomChoice(crops), v2.RandomHorizontalFlip(args.hflip)]
+    if args.randaug_magnitude > 0:
+        train.append(RandAugment(args.randaug_magnitude, args.mean, args.interpolation))
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std)]
     train += tail
     if args.reprob > 0:
-        train.append(v2.RandomErasing(p=args.reprob, value="random"))
-    resize = int(img_size / args.eval_crop)
-    val = [v2.ToImage(), v2.Resize(resize, interpolation=interpolation), v2.CenterCrop(img_size), *tail]
+        train.append(
+            v2.RandomErasing(p=args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
+        )
+    resize = v2.Resize(
+        int(img_size / args.eval_crop), interpolation=mode(args.interpolation.replace("random", "bicubic"))
+    )
+    val = [v2.ToImage(), v2.ToPureTensor(), resize, v2.CenterCrop(img_size), *tail]
     return v2.Compose(train), v2.Compose(val)
 
 
-def build_datasets(args: argparse.Namespace, img_size: int, synthetic_classes: int):
+def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
     """(train, val, num_classes), each set without transforms."""
     root = Path(args.data_path)
-    if args.data == "synthetic":
+    if args.data in ("synthetic", "noise"):
         val_size = max(args.synthetic_size // 5, 1)
-        return (
-            SyntheticImages(args.synthetic_size, synthetic_classes, img_size, seed=args.seed),
-            SyntheticImages(val_size, synthetic_classes, img_size, seed=args.seed + 1),
-            synthetic_classes,
-        )
+        if args.data == "noise":
+            make = lambda n, seed: NoiseImages(n, noise_classes, img_size, seed)  # noqa: E731
+        else:
+            make = lambda n, seed: PlusSigns(n, img_size, seed)  # noqa: E731
+        train, val = make(args.synthetic_size, args.seed), make(val_size, args.seed + 1)
+        return train, val, noise_classes if args.data == "noise" else train.classes
     if args.data == "cifar100":
         try:
             train = torchvision.datasets.CIFAR100(root, train=True, download=True)
@@ -340,20 +388,63 @@ def build_datasets(args: argparse.Namespace, img_size: int, synthetic_classes: i
     return train, val, len(train.classes)
 
 
+def chance(dataset) -> float:
+    """Top-1 of always answering the commonest class of a data set, in percent."""
+    return 100 * max(torch.bincount(torch.tensor(dataset.targets)).tolist()) / len(dataset)
+
+
+def use_device_data(args, device) -> bool:
+    if args.device_data == "off" or (
+        args.device_data == "auto" and (device.type != "cuda" or args.data != "cifar100")
+    ):
+        return False
+    if args.data == "imagenet":
+        fail(
+            "--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need --device-data off"
+        )
+    return True
+
+
+def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
+    """Training and validation loaders of `batch` images per rank: DataLoader workers by default; with
+    --device-data, the whole set as uint8 on the device and the augmentations batched there."""
+    rank, world = args.rank, args.world
+    train_tf, val_tf = build_transforms(args, img_size)
+    sampler = EpochSampler(train_set, world, rank, args.seed, repeats=args.repeated_aug)
+    if use_device_data(args, device):
+        augment = BatchAugment(args, img_size)
+        train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
+        shard = list(range(rank, len(val_set), world))
+        val = DeviceLoader(*as_tensors(val_set, device), shard, batch, val_tf, args.seed, drop_last=False)
+        return train, val, sampler
+    train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
+    workers = dict(
+        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
+        prefetch_factor=4 if args.workers > 0 else None,
+    )  # fmt: skip
+    # own generators: worker seeds must not draw on the global RNG (dropout, Mixup), whatever --workers is
+    workers["generator"] = torch.Generator().manual_seed(args.seed)
+    train = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **workers)
+    shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
+    val = DataLoader(shard, batch_size=batch, shuffle=False, **workers)
+    return train, val, sampler
+
+
 # ----------------------------------------------------------------------------------------------
 # Model, optimiser and schedule
 
 
-def model_config(args, saved: dict | None = None) -> Config:
-    """The model this run asks for. On resume, what the flags leave unset comes from the checkpoint,
-    and what they set must equal it. (num_classes is the preset's until the data set is known.)"""
+def model_config(args, saved: dict | None = None, strict: bool = True) -> Config:
+    """The model this run asks for. From a checkpoint's config, what the flags leave unset comes from it;
+    what they set must equal it on resume (strict) and replaces it on --finetune. (num_classes is the
+    preset's until the data set is known.)"""
     try:
-        return requested_config(args, saved)
+        return requested_config(args, saved, strict)
     except ValueError as e:  # Config's own checks: say it in one line, as for any flag
         fail(str(e))
 
 
-def requested_config(args, saved: dict | None) -> Config:
+def requested_config(args, saved: dict | None, strict: bool) -> Config:
     explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if explicit.get("last_pe") == "none":
         explicit["last_pe"] = None
@@ -366,6 +457,8 @@ def requested_config(args, saved: dict | None) -> Config:
     if "pe" in wanted and wanted["pe"] != saved["pe"]:  # a new mode re-derives the knobs left unset
         wanted = {**PE_MODES[wanted["pe"]], **wanted}
     diffs = [f"{k}={saved[k]!r} there but {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
+    if not strict:
+        return Config(**{**saved, **wanted, **regularisation})
     if diffs:
         fail(
             f"the checkpoint was trained with another model: {'; '.join(diffs)}. Resume with the "
@@ -375,16 +468,17 @@ def requested_config(args, saved: dict | None) -> Config:
 
 
 def build_optimizer(model, args, lr: float, device: torch.device):
-    """AdamW without weight decay on what no_weight_decay() names (timm's ViT too: plus all 1-D)."""
-    skip = set(model.no_weight_decay()) | {n for n, p in model.named_parameters() if p.ndim <= 1}
+    """AdamW, no weight decay on biases and LayerNorms (all 1-D parameters, as timm's optimizer factory),
+    nor on pos_embed and cls_token unless --decay-pos-embed (DeiT exempts them, Compact Transformers not)."""
+    skip = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    if not args.decay_pos_embed:
+        skip |= set(model.no_weight_decay())
+    params = list(model.named_parameters())
     groups = [
-        dict(
-            params=[p for n, p in model.named_parameters() if n not in skip], weight_decay=args.weight_decay
-        ),
-        dict(params=[p for n, p in model.named_parameters() if n in skip], weight_decay=0.0),
+        dict(params=[p for n, p in params if n not in skip], weight_decay=args.weight_decay),
+        dict(params=[p for n, p in params if n in skip], weight_decay=0.0),
     ]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
 
 
 def peak_lr(args) -> float:
@@ -412,33 +506,40 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
 
 def build_mixing(args, num_classes: int):
+    """timm's Mixup in batch mode: one of Mixup or CutMix per batch (p = 0.5 each when both are on), on
+    the batch's device with parameters drawn on the CPU, so no step waits for the GPU."""
     mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
     mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
-    return v2.RandomChoice(mixes) if mixes else None  # one of the two per batch, each with p = 0.5
+    return v2.RandomChoice(mixes) if mixes else None
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: written atomically, read with weights_only, never replaced by a bad one
+# Checkpoints and the run's folder: one live run per folder, atomic writes, never a bad one saved
 
 
 def save_checkpoint(path: Path, state: dict):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint whole
+    save_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
+
+
+def load_checkpoint(path: str | Path, keys=CHECKPOINT_KEYS) -> dict:
     path = Path(path)
     if not path.is_file():
         fail(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        fail(f"{path} is not a checkpoint of this project: it holds pickled Python objects, which loading "
+             f"with weights_only=True refuses ({str(e).splitlines()[-1][:120]}); pass a file of tensors")  # fmt: skip
     except Exception as e:
         fail(
             f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use another one"
         )
-    if not isinstance(state, dict) or not {"model", "model_config", "epoch"} <= set(state):
-        fail(f"{path} is not a checkpoint written by train.py")
+    lacking = sorted(keys - set(state)) if isinstance(state, dict) else ["all"]
+    if lacking:
+        fail(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(lacking)})")
     return state
 
 
@@ -483,58 +584,67 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp: bool) -> dict:
+def evaluate(model, loader, device, amp: bool, batch: int | None = None) -> dict:
+    """Loss, top-1 and top-5 over every validation image of every rank. With `batch`, a short last batch
+    is padded to that size and the padding ignored, so a compiled model sees one shape."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
     for img, target in loader:
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        n = len(target)
+        if batch and n < batch:
+            img = torch.cat([img, img[:1].expand(batch - n, *img.shape[1:])])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(img)
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        hits = top == target[:, None]
+            logits = model(img)[:n]
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == target[:, None]
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
-        counts = [loss, hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(len(target), device=device)]
+        counts = [loss, hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(n, device=device)]
         sums += torch.stack([c.to(torch.float64) for c in counts])  # all on the device: no sync per batch
     loss, top1, top5, n = all_reduce(sums).tolist()
     return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
 
 
-def train_step(model, optimizer, img, target, smoothing: float, amp: bool) -> torch.Tensor:
-    """One full training step: forward (bf16 autocast on CUDA), loss, backward, optimizer step."""
-    with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(img)
-    loss = soft_cross_entropy(logits, target, smoothing)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+def train_step(model, optimizer, micro_batches, smoothing: float, amp: bool) -> torch.Tensor:
+    """One optimizer step over one or more micro-batches [(img, target)]: the gradient of their mean loss,
+    exactly as one batch of them all (no BatchNorm here). DDP syncs gradients on the last one only."""
+    last = len(micro_batches) - 1
+    total = 0.0
+    for i, (img, target) in enumerate(micro_batches):
+        sync = model.no_sync() if i < last and isinstance(model, DDP) else contextlib.nullcontext()
+        with sync:
+            with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(img)
+            loss = soft_cross_entropy(logits, target, smoothing) / len(micro_batches)
+            loss.backward()
+        total = total + loss.detach()
     optimizer.step()
-    return loss
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
-def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp, rank) -> dict:
+def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen, start = 0, time.perf_counter()
-    bar = tqdm(
-        loader,
-        desc=f"epoch {epoch + 1}/{args.epochs}",
-        disable=True if rank else None,
-        leave=False,
-        dynamic_ncols=True,
-    )
-    for step, (img, target) in enumerate(bar):
+    seen, start, steps = 0, time.perf_counter(), len(loader) // args.accum_steps
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=True if args.rank else None,
+               leave=False, dynamic_ncols=True)  # fmt: skip
+    batches, step = [], 0
+    for img, target in loader:
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if mixing is not None:
-            img, target = mixing(img, target)
-        loss = train_step(model, optimizer, img, target, args.smoothing, amp)
-        loss_sum += loss.detach() * len(img)
-        seen += len(img) * args.world
-        if (step + 1) % args.log_every == 0:  # the only host-device syncs of the loop
-            current = all_reduce(loss.detach().clone()).item() / args.world
+        batches.append(mixing(img, target) if mixing is not None else (img, target))
+        if len(batches) < args.accum_steps:
+            continue
+        loss = train_step(model, optimizer, batches, args.smoothing, amp)
+        loss_sum += loss * sum(len(b[0]) for b in batches)
+        seen += sum(len(b[0]) for b in batches) * args.world
+        batches, step = [], step + 1
+        bar.update()
+        if step % args.log_every == 0:  # the only host-device syncs of the loop
+            current = all_reduce(loss.clone()).item() / args.world
             check_finite(current, epoch, step, args)
-            rate = seen / (time.perf_counter() - start)
-            bar.set_postfix(
-                loss=f"{current:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}"
-            )
+            bar.set_postfix(loss=f"{current:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
+    bar.close()
     seconds = time.perf_counter() - start
     total = all_reduce(
         torch.stack([loss_sum, torch.tensor(seen / args.world, device=device, dtype=torch.float64)])
@@ -546,59 +656,51 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp, 
 
 def check_finite(loss: float, epoch: int, step: int | None, args):
     if not math.isfinite(loss):
-        where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step is not None else "")
+        where = f"epoch {epoch + 1}" + (f", step {step}" if step is not None else "")
         fail(
             f"the training loss became {loss} at {where}; stopped without saving, so the last good checkpoint "
             f"in {args.output_dir} is untouched. Lower --lr or check the data, then --resume auto"
         )
 
 
-def make_loaders(args, train_set, val_set, img_size: int, per_rank: int, device):
-    """Training and validation loaders: DataLoader workers by default; with --device-data, the whole
-    set as uint8 on the device and the augmentations batched there (the cifar recipe)."""
-    rank, world = args.rank, args.world
-    train_tf, val_tf = build_transforms(args, img_size)
-    if args.repeated_aug > 1 and world > 1:
-        sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.seed)
-    else:
-        sampler = EpochSampler(
-            train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True
-        )
-    if use_device_data(args, device):
-        augment = BatchAugment(args, img_size)
-        train = DeviceLoader(*as_tensors(train_set, device), sampler, per_rank, augment, args.seed)
-        shard = list(range(rank, len(val_set), world))
-        val = DeviceLoader(*as_tensors(val_set, device), shard, per_rank, val_tf, args.seed, drop_last=False)
-        return train, val, sampler
-    train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
-    workers = dict(
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        prefetch_factor=4 if args.workers > 0 else None,
-    )  # fmt: skip
-    # own generators: worker seeds must not draw on the global RNG (dropout, Mixup), whatever --workers is
-    workers["generator"] = torch.Generator().manual_seed(args.seed)
-    train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, **workers)
-    shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
-    val = DataLoader(shard, batch_size=per_rank, shuffle=False, **workers)
-    return train, val, sampler
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a cluster's preemption, torchrun passing on Ctrl-C) as Ctrl-C
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.rank, args.world, local_rank = distributed_env()
-    if args.batch_size % args.world:
+    if args.batch_size % (args.world * args.accum_steps):
         fail(
-            f"--batch-size {args.batch_size} is not divisible by the {args.world} processes: choose a multiple "
-            f"of {args.world} (the global batch is split evenly over the ranks)"
+            f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
+            f"accumulation step(s): the global batch is split evenly over them"
         )
     device = pick_device(local_rank)
-    if args.world > 1:
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
-        )
+    signal.signal(signal.SIGTERM, interrupted)
+    args.progress = dict(epoch=None, saved=None)  # what an interrupt reports
     try:
+        if args.world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
         return run(args, device)
+    except DataError as e:  # raised in a loader worker: its last line is ours
+        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+    except FolderError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        saved, folder = args.progress["saved"], args.output_dir
+        if args.rank == 0 and args.progress["epoch"] is not None:
+            held = (
+                f"{folder}/checkpoint.pt holds epoch {saved + 1}"
+                if saved is not None
+                else "no checkpoint was saved yet"
+            )
+            print(f"\ntrain.py: interrupted in epoch {args.progress['epoch'] + 1}; {held}. Continue with: "
+                  f"python train.py --resume auto --output-dir {folder}", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
     finally:
+        if getattr(args, "folder", None) and args.folder.lock:
+            args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -608,31 +710,46 @@ def run(args, device):
     torch.manual_seed(args.seed + args.rank)
     random.seed(args.seed + args.rank)
     amp = device.type == "cuda"  # bf16 autocast on CUDA, fp32 on a CPU
-    out = Path(args.output_dir)
-
-    resume, ckpt = args.resume_path, args.resume_state
-    if master and args.resume == "auto" and resume is None:
+    out, ckpt = Path(args.output_dir), args.resume_state
+    if master and args.resume == "auto" and ckpt is None:
         print(f"--resume auto: no checkpoint in {out}, starting a new run")
-
-    cfg = model_config(args, ckpt["model_config"] if ckpt else None)
-    train_set, val_set, num_classes = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
+    pretrained = load_checkpoint(args.finetune, set()) if args.finetune else None
+    if pretrained is not None and "model" in pretrained:  # train.py's and DeiT's hold the weights here
+        saved, pretrained = pretrained.get("model_config"), pretrained["model"]
+    else:  # timm's: the weights alone
+        saved = None
+    cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
+    train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     if ckpt and num_classes != cfg.num_classes:
-        fail(f"the checkpoint has {cfg.num_classes} classes but this data set has {num_classes}")
+        fail(f"the checkpoint has {cfg.num_classes} classes but this data set has {num_classes}: to train "
+             f"a new head on it, start a new run with --finetune {args.resume_path}")  # fmt: skip
     cfg = replace(cfg, num_classes=num_classes)
-    per_rank = args.batch_size // args.world
+    per_rank = args.batch_size // (args.world * args.accum_steps)
 
     model = VisionTransformer(cfg).to(device)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    compiled = torch.compile(model) if args.compile else model
+    elif pretrained is not None:
+        try:
+            notes = load_pretrained(model, {k: v.to(device) for k, v in pretrained.items()})
+        except ValueError as e:
+            fail(f"--finetune {args.finetune}: {e}")
+        if master:
+            print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
+    mode = None if args.compile == "default" else args.compile
+    compiled = torch.compile(model, mode=mode, dynamic=False) if args.compile else model
     train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
+    static = per_rank if args.compile else None  # one shape for the compiled graph
 
     if args.eval_only:
-        metrics = evaluate(compiled, val_loader, device, amp)
+        metrics = evaluate(compiled, val_loader, device, amp, static)
         if master:
-            print(f"{resume}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
+            print(f"{args.resume_path}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
                   f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")  # fmt: skip
         return metrics
+    if len(train_loader) < args.accum_steps:
+        fail(f"the training set gives {len(sampler)} images per process, fewer than one step of "
+             f"{args.batch_size // args.world}: lower --batch-size (or --accum-steps), or add data")  # fmt: skip
 
     ddp = (
         DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
@@ -641,36 +758,40 @@ def run(args, device):
     )
     optimizer = build_optimizer(model, args, lr_at(0, args), device)
     mixing = build_mixing(args, num_classes)
-    start_epoch, best = 0, dict(val_top1=-1.0, epoch=-1)
+    start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best"]
-        states = ckpt["rng"]
-        if len(states) != args.world:
+        start_epoch, best, run_id = ckpt["epoch"] + 1, ckpt["best"], ckpt["run_id"]
+        if len(ckpt["rng"]) != args.world:
             fail(
-                f"the checkpoint was written by {len(states)} processes; resume it with {len(states)}, not {args.world}"
+                f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with that many, not {args.world}"
             )
-        set_rng_state(states[args.rank], device)
+        set_rng_state(ckpt["rng"][args.rank], device)
+    if start_epoch >= args.epochs:
+        fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
+             f"give a larger --epochs to train on")  # fmt: skip
+    args.folder = folder = RunFolder(out)
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        trim_metrics(out / "metrics.jsonl", start_epoch)
+        folder.claim(run_id, start_epoch - 1)
+        folder.metrics(start_epoch)  # a resume drops lines of epochs that its checkpoint does not hold
         params = sum(p.numel() for p in model.parameters())
         if args.epochs <= args.warmup_epochs + args.cooldown_epochs:
             print(f"note: --epochs {args.epochs} leaves no cosine phase after {args.warmup_epochs} warmup and "
                   f"{args.cooldown_epochs} cooldown epochs; set --warmup-epochs and --cooldown-epochs for short runs")  # fmt: skip
         print(f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {len(train_set)} training "
-              f"images, {args.world} process(es) on {device.type}, batch {args.batch_size}, peak lr {peak_lr(args):.3g}")  # fmt: skip
+              f"images, {args.world} process(es) on {device.type}, batch {args.batch_size}, peak lr {peak_lr(args):.3g}; "
+              f"chance: {chance(val_set):.2f}% (always the commonest class)")  # fmt: skip
 
     for epoch in range(start_epoch, args.epochs):
+        args.progress["epoch"] = epoch
         sampler.set_epoch(epoch)
         lr = lr_at(epoch, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
         metrics = dict(
-            epoch=epoch + 1,
-            **train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, amp, args.rank),
+            epoch=epoch + 1, **train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, amp)
         )
-        metrics.update(evaluate(compiled, val_loader, device, amp), lr=lr)
+        metrics.update(evaluate(compiled, val_loader, device, amp, static), lr=lr)
         if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one sync an epoch
             fail(f"the weights became non-finite in epoch {epoch + 1}; nothing was saved, so the last good "
                  f"checkpoint in {args.output_dir} is untouched. Lower --lr, then --resume auto")  # fmt: skip
@@ -684,58 +805,26 @@ def run(args, device):
             states = [rng_state(device)]
         if master:
             state = dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best,
-                model_config=asdict(cfg), args={k: v for k, v in vars(args).items() if is_plain(v)},
-                rng=states, lr=lr,
+                model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,
+                model_config=asdict(cfg), rng=states, lr=lr,
+                args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
             )  # fmt: skip
-            with open(out / "metrics.jsonl", "a") as f:  # first: a resume trims what no checkpoint holds
-                f.write(json.dumps(metrics) + "\n")
-            save_checkpoint(out / "checkpoint.pt", state)
-            if is_best:
+            folder.metrics(epoch, metrics)  # first: a resume drops what no checkpoint holds
+            if is_best:  # before checkpoint.pt: whichever a crash leaves, what it names exists
                 save_checkpoint(out / "best.pt", state)
+            save_checkpoint(out / "checkpoint.pt", state)
+            folder.record(run_id, epoch)
+            args.progress["saved"] = epoch
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
                   f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
                   f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip
     if master:
-        print(
-            f"best top-1 {best['val_top1']:.2f}% at epoch {best['epoch']}; checkpoints in {out}/ (best.pt, checkpoint.pt)"
-        )
+        files = ", ".join(f.name for f in (out / "best.pt", out / "checkpoint.pt") if f.exists())
+        print(f"best top-1 {best['val_top1']:.2f}% at epoch {best['epoch']} (chance {chance(val_set):.2f}%); "
+              f"{out}/ holds {files}, metrics.jsonl")  # fmt: skip
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while rank 0 is still writing
     return best
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-def use_device_data(args, device) -> bool:
-    if args.device_data == "off" or (
-        args.device_data == "auto" and (device.type != "cuda" or args.data != "cifar100")
-    ):
-        return False
-    if args.recipe != "cifar":
-        fail(
-            "--device-data implements the cifar recipe's augmentations; use --device-data off with --recipe deit"
-        )
-    if args.data == "imagenet":
-        fail(
-            "--device-data holds fixed-size sets (cifar100, synthetic); image folders load with --device-data off"
-        )
-    return True
-
-
-def is_plain(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool, list, tuple))
-
-
-def trim_metrics(path: Path, start_epoch: int):
-    """On resume, drop metrics of epochs the checkpoint does not hold (a run that died after logging)."""
-    if not path.exists():
-        return
-    lines = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= start_epoch
-    ]
-    path.write_text("".join(line + "\n" for line in lines))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""One training run's folder: owned by one run, written by one live process, every file written whole.
+
+train.py keeps its checkpoints and metrics here; this file imports nothing of the project's back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+
+class FolderError(Exception):
+    """What went wrong with --output-dir, in one line that says what to do."""
+
+
+def save_atomically(path: Path, write):
+    """write(tmp) then rename over path: a crash or a full disk leaves the previous file whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as either
+        tmp.unlink(missing_ok=True)
+        raise FolderError(f"could not write {path} ({type(e).__name__}: {e}); the previous {path.name} is "
+                          f"untouched. Free space (or fix permissions), then --resume auto") from None  # fmt: skip
+
+
+class RunFolder:
+    """--output-dir: owned by one run (its id in run.json, with the newest epoch saved) and written by one
+    live process (an OS lock, released however the process ends). A new run needs a folder that holds
+    no run; a resumed one, its own run's folder at an epoch no newer than its checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock = path, None
+
+    def claim(self, run_id: str, epoch: int):
+        """Take the folder for the run `run_id` resuming after `epoch` (-1: a new run), or fail."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FolderError(f"--output-dir {self.path} is a file; choose a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock = open(self.path / ".lock", "a+")
+        except OSError as e:
+            message = (
+                f"cannot write to --output-dir {self.path} ({e.strerror}); choose a folder you can write"
+            )
+            raise FolderError(message) from None
+        try:
+            import fcntl
+
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not on this OS: the ownership checks below still hold
+            pass
+        except OSError:
+            raise FolderError(
+                f"{self.path} is in use by another live run; wait for it, or choose another --output-dir"
+            ) from None
+        owner = (
+            json.loads((self.path / "run.json").read_text()) if (self.path / "run.json").exists() else None
+        )
+        if owner is None and (self.path / "checkpoint.pt").exists():  # written before run.json existed
+            owner = dict(run_id=None, epoch=-1)  # a run of unknown id and epoch
+        if owner is None:
+            return
+        held = f"{self.path} holds another run" + (
+            f" (epoch {owner['epoch'] + 1})" if owner["epoch"] >= 0 else ""
+        )
+        if epoch < 0:
+            raise FolderError(
+                f"{held}: continue it with --resume auto, or start this one in another --output-dir"
+            )
+        if owner["run_id"] not in (run_id, None):
+            raise FolderError(
+                f"{held}, not the checkpoint's: resume into its own folder, or choose an empty --output-dir"
+            )
+        if owner["epoch"] > epoch:
+            raise FolderError(f"{self.path} holds epoch {owner['epoch'] + 1}, newer than the checkpoint's {epoch + 1}: "
+                 f"resuming would overwrite that history; resume from {self.path / 'checkpoint.pt'}, "
+                 f"or write this run to another --output-dir")  # fmt: skip
+
+    def record(self, run_id: str, epoch: int):
+        save_atomically(
+            self.path / "run.json", lambda tmp: tmp.write_text(json.dumps(dict(run_id=run_id, epoch=epoch)))
+        )
+
+    def metrics(self, start_epoch: int, line: dict | None = None):
+        """metrics.jsonl rewritten whole: the lines of epochs up to start_epoch (a line cut short by a full
+        disk or a crash is dropped), then `line`."""
+        path, kept = self.path / "metrics.jsonl", []
+        for text in path.read_text().splitlines() if path.exists() else []:
+            with contextlib.suppress(json.JSONDecodeError):
+                if json.loads(text)["epoch"] <= start_epoch:
+                    kept.append(text)
+        kept += [json.dumps(line)] if line else []
+        save_atomically(path, lambda tmp: tmp.write_text("".join(t + "\n" for t in kept)))
