@@ -14,13 +14,24 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
 
 import train
 from mpvg import Config, VisionTransformer, analyse
 from train import build_datasets, build_transforms, load_checkpoint, model_config
+
+
+def font(size: int = 14):
+    """Pillow's own scalable font at a size whose spaces survive (the bitmap fallback where it lacks one)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+FONT, LINE = font(), 20  # text, and the height of a line of it
 
 
 def colour(t: torch.Tensor, signed: bool = True):
@@ -35,41 +46,66 @@ def colour(t: torch.Tensor, signed: bool = True):
     return Image.fromarray((rgb * 255).round().to(torch.uint8).numpy())
 
 
-def captioned(panels: list, columns: int, title: str, zoom: int = 1):
-    """Panels (caption, PIL image) in a grid under a title, each captioned and enlarged `zoom` times."""
-    panels = [(c, im.resize((im.width * zoom, im.height * zoom), Image.NEAREST)) for c, im in panels]
-    w = max(max(im.width for _, im in panels), 6 * max(len(c) for c, _ in panels) + 4)
-    h = max(im.height for _, im in panels)
-    rows = math.ceil(len(panels) / columns)
-    sheet = Image.new("RGB", (max(columns * (w + 8) + 8, 6 * len(title) + 16), rows * (h + 22) + 30), "white")
+def heatmap(t: torch.Tensor, signed: bool = True, size: tuple | None = None):
+    """A tensor's colour map with its colour scale beneath: the gradient and the values at its ends."""
+    im = colour(t, signed)
+    im = im.resize(size or im.size, Image.NEAREST)
+    t = t.detach().float().cpu()
+    lo, hi = (-t.abs().max(), t.abs().max()) if signed else (t.min(), t.max())
+    sheet = Image.new("RGB", (im.width, im.height + 10 + LINE), "white")
+    sheet.paste(im, (0, 0))
+    sheet.paste(
+        colour(torch.linspace(float(lo), float(hi), im.width)[None].repeat(6, 1), signed), (0, im.height + 3)
+    )
     draw = ImageDraw.Draw(sheet)
-    draw.text((8, 6), title, fill="black")
+    labels = [(0, f"{float(lo) + 0.0:.2g}"), (im.width, f"{float(hi) + 0.0:.2g}")]  # + 0.0: no "-0"
+    labels += [(im.width // 2, "0")] if signed else []
+    for x, text in labels:
+        x = min(max(x - draw.textlength(text, font=FONT) / 2, 0), im.width - draw.textlength(text, font=FONT))
+        draw.text((x, im.height + 10), text, fill="black", font=FONT)
+    return sheet
+
+
+def captioned(panels: list, columns: int, title: str):
+    """Panels (caption, PIL image) in a grid under a title (lines split at '\n'), each captioned."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = lambda text: int(probe.textlength(text, font=FONT))  # noqa: E731
+    w = max(max(im.width for _, im in panels), max(width(c) for c, _ in panels)) + 12
+    h = max(im.height for _, im in panels) + LINE + 8
+    lines = title.split("\n")
+    top = LINE * len(lines) + 12
+    rows = math.ceil(len(panels) / columns)
+    sheet = Image.new("RGB", (max(columns * w + 8, max(map(width, lines)) + 16), rows * h + top), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(lines):
+        draw.text((8, 6 + LINE * i), line, fill="black", font=FONT)
     for i, (caption, im) in enumerate(panels):
-        x, y = 8 + (i % columns) * (w + 8), 30 + (i // columns) * (h + 22)
-        draw.text((x, y), caption, fill="black")
-        sheet.paste(im, (x, y + 14))
+        x, y = 8 + (i % columns) * w, top + (i // columns) * h
+        draw.text((x, y), caption, fill="black", font=FONT)
+        sheet.paste(im, (x, y + LINE))
     return sheet
 
 
 def bars(values: list, title: str):
     """A bar chart of values in [-1, 1], one bar per layer (None: no bar), with its axes labelled."""
-    left, mid, height = 50, 140, 260
-    width = max(left + 40 * len(values) + 20, 6 * len(title) + 16)
-    im = Image.new("RGB", (width, height + 30), "white")
+    left, mid, height = 50, 150, 270
+    caption = "x: layer l;  y: Pearson r of LN_l(x_l) and the PE layer l receives (no bar: no PE there)"
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = int(max(left + 40 * len(values) + 20, probe.textlength(title, font=FONT) + 16,
+                    probe.textlength(caption, font=FONT) + left + 8))  # fmt: skip
+    im = Image.new("RGB", (width, height + 36), "white")
     draw = ImageDraw.Draw(im)
-    draw.text((8, 6), title, fill="black")
+    draw.text((8, 6), title, fill="black", font=FONT)
     draw.line((left, mid, left + 40 * len(values) + 10, mid), fill="black")
     for r, label in ((1, "+1"), (0, " 0"), (-1, "-1")):
-        draw.text((20, mid - r * 100 - 6), label, fill="black")
+        draw.text((16, mid - r * 100 - 8), label, fill="black", font=FONT)
     for l, v in enumerate(values):
         x = left + 10 + 40 * l
         if v is not None:
             top, bottom = sorted((mid, mid - v * 100))
             draw.rectangle((x, top, x + 24, bottom), fill="firebrick" if v > 0 else "royalblue")
-        draw.text((x + 8, height - 10), str(l), fill="black")
-    draw.text(
-        (left, height + 8), "x: layer l;  y: Pearson r of LN_l(x_l) and the PE layer l receives", fill="black"
-    )
+        draw.text((x + 8, height - 12), str(l), fill="black", font=FONT)
+    draw.text((left, height + 10), caption, fill="black", font=FONT)
     return im
 
 
@@ -85,17 +121,21 @@ def rounded(x):
 
 
 def analyze(args, device):
+    torch.manual_seed(args.seed)  # a new model's weights, and so its figures, are the same every run
     if args.analyze == "new":
         cfg = model_config(args)
         model = VisionTransformer(cfg)
-        source = f"a new {cfg.pe} model (no checkpoint)"
+        source = f"a new {cfg.pe} model"
     else:
         ckpt = load_checkpoint(args.analyze)
         cfg = Config(**ckpt["model_config"])
         model = VisionTransformer(cfg)
         model.load_state_dict(ckpt["model"])
-        source = args.analyze
-    _, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
+        path = Path(args.analyze).resolve()
+        source = (
+            f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine path
+        )
+    _, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     _, val_tf = build_transforms(args, cfg.img_size)
     n = min(args.analyze_images, len(val_set))
     spread = torch.linspace(0, len(val_set) - 1, n).long().tolist()  # image folders are sorted by class
@@ -104,41 +144,46 @@ def analyze(args, device):
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    zoom = max(1, 96 // max(cfg.num_tokens, cfg.dim))
+    zoom = max(1, 160 // max(cfg.num_tokens, cfg.dim))
     panels = []
     for l, (t, p, r) in enumerate(zip(stats["fig2_tokens"], stats["fig2_pos"], stats["fig4_correlation"])):
-        panels.append((f"layer {l}: LN(x)", colour(t)))
-        pe = colour(p) if p is not None else colour(torch.zeros_like(t))
-        panels.append((f"layer {l}: PE, r={r:+.2f}" if p is not None else f"layer {l}: no PE", pe))
-    title = "Fig. 2: tokens after LN_l (batch mean) and the PE each layer receives. x: dimension, y: token"
-    captioned(panels, 4, f"{title}; blue < 0 < red. {source}", zoom).save(out / "fig2_heatmaps.png")
-    title = f"Fig. 4: correlation of token embedding and PE after their LNs ({cfg.pe}, {cfg.pool})"
+        size = (t.shape[1] * zoom, t.shape[0] * zoom)
+        panels.append((f"layer {l}: LN_l(x_l)", heatmap(t, size=size)))
+        pe = heatmap(p, size=size) if p is not None else Image.new("RGB", size, "white")
+        panels.append((f"layer {l}: PE, r = {r:+.2f}" if p is not None else f"layer {l}: no PE", pe))
+    title = (f"Fig. 2 of {source}: the tokens after LN_l (batch mean) and the PE each layer receives\n"
+             f"x: dimension, y: token; blue < 0 < red, each panel on its own scale")  # fmt: skip
+    captioned(panels, 4, title).save(out / "fig2_heatmaps.png")
+    title = (
+        f"Fig. 4 of {source}: correlation of token embedding and PE after their LNs ({cfg.pe}, {cfg.pool})"
+    )
     bars(stats["fig4_correlation"], title).save(out / "fig4_correlation.png")
     last, norm = stats["last_ln"], model.norm
+    strip = (max(384, cfg.dim), 24)
     strips = [
-        ("Last LN gamma - 1", colour(norm.weight[None].repeat(8, 1) - 1)),
-        ("Last LN beta", colour(norm.bias[None].repeat(8, 1))),
+        ("Last LN gamma - 1, by dimension", heatmap(norm.weight[None] - 1, size=strip)),
+        ("Last LN beta, by dimension", heatmap(norm.bias[None], size=strip)),
     ]
-    title = f"Appendix Fig. 6: x: dimension. var(beta) {last['beta_var']:.4f}, cosine before/after {last['cosine']:.4f}"
-    captioned(strips, 1, title, max(1, 384 // cfg.dim)).save(out / "fig6_last_ln.png")
+    fresh = last["beta_var"] == 0 and last["gamma_var"] == 0
+    note = (
+        "\nan untrained model: gamma = 1 and beta = 0 everywhere, so both strips are blank" if fresh else ""
+    )
+    title = (f"Appendix Fig. 6 of {source}: var(beta) {last['beta_var']:.4f}, "
+             f"cosine before/after the Last LN {last['cosine']:.4f}{note}")  # fmt: skip
+    captioned(strips, 1, title).save(out / "fig6_last_ln.png")
 
     mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
-    size, panels = (cfg.img_size, cfg.img_size), []
+    size, panels = (max(128, cfg.img_size),) * 2, []
     for b in sorted(set(torch.linspace(0, n - 1, 4).long().tolist())):  # four images, spread over the classes
         picture = (images[b].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
         panels += [
-            (f"image {b}", Image.fromarray(picture.numpy())),
-            (
-                "norm before Last LN",
-                colour(stats["fig7_norms_pre"][b], signed=False).resize(size, Image.NEAREST),
-            ),
-            (
-                "norm after Last LN",
-                colour(stats["fig7_norms_post"][b], signed=False).resize(size, Image.NEAREST),
-            ),
+            (f"image {b}", Image.fromarray(picture.numpy()).resize(size, Image.NEAREST)),
+            ("norm before the Last LN", heatmap(stats["fig7_norms_pre"][b], signed=False, size=size)),
+            ("norm after the Last LN", heatmap(stats["fig7_norms_post"][b], signed=False, size=size)),
         ]
-    title = "Fig. 7: L2 norm of each patch token before and after the Last LN (per image: white its smallest, red its largest)"
-    captioned(panels, 3, title, max(1, 128 // cfg.img_size)).save(out / "fig7_token_norms.png")
+    title = (f"Fig. 7 of {source}: the L2 norm of each patch token before and after the Last LN\n"
+             f"per map: white its smallest, red its largest")  # fmt: skip
+    captioned(panels, 3, title).save(out / "fig7_token_norms.png")
 
     report = dict(source=source, model_config=asdict(cfg), images=n, data=args.data, **stats)
     (out / "analysis.json").write_text(json.dumps(rounded(report)))
@@ -169,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--analyze-images", type=int, default=64, help="validation images the analysis averages over"
     )
     g.add_argument("--output-dir", default="runs/analysis", help="where the figures and analysis.json go")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="a new model's weights, and the data")
     return p
 
 

@@ -8,12 +8,15 @@ already on the device, the models taking turns in one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
 
@@ -54,44 +57,60 @@ def timm_twin(cfg: Config):
     )  # fmt: skip
 
 
+def configurations(args, base: Config) -> dict:
+    """The rows: each PE mode with its own pooling, and default with the other pooling too, so that each
+    mode is compared with default pooled alike (--pe or --pool narrow the rows)."""
+    pairs = [(args.pe, args.pool)] if args.pe else [
+        ("default", "cls"), ("default", "gap"), ("lape", "cls"), ("pvg", "gap"), ("mpvg", "gap"),
+    ]  # fmt: skip
+    configs = {}
+    for mode, pool in pairs:
+        pool = args.pool or pool or PE_MODES[mode]["pool"]
+        knobs = {k: v for k, v in PE_MODES[mode].items() if getattr(args, k) is None}
+        with contextlib.suppress(ValueError):  # e.g. MPVG with --pool cls: no such model
+            configs[f"{mode} ({pool})"] = replace(base, **{**knobs, "pe": mode, "pool": pool})
+    return configs
+
+
 def benchmark(args, device):
     cuda = device.type == "cuda"  # and so bf16 autocast
     base = model_config(args)
-    modes = [args.pe] if args.pe else ["default", "lape", "pvg", "mpvg"]
-    configs = {
-        f"mpvg.py {m}": replace(
-            base, pe=m, **{k: PE_MODES[m][k] for k in PE_MODES[m] if getattr(args, k) is None}
-        )
-        for m in modes
-    }
-    builders = {name: (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
-    reference = configs[f"mpvg.py {modes[0]}"]  # timm's twin is built like the first row
-    twin = timm_twin(reference)
-    if twin is not None:
-        builders[f"timm ViT ({reference.pool})"] = lambda: twin
+    configs = configurations(args, base)
+    builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
+    for pool in (
+        sorted({c.pool for c in configs.values()}) if args.timm else []
+    ):  # timm's twin of each pooling
+        twin = timm_twin(next(c for c in configs.values() if c.pool == pool))
+        if twin is not None:
+            builders[f"timm ViT ({pool})"] = lambda twin=twin: twin
     batch = args.batch_size
     img = torch.randn(batch, base.in_chans, base.img_size, base.img_size, device=device)
     target = torch.randint(base.num_classes, (batch,), device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    mode = None if args.compile in (None, "default") else args.compile
 
-    steps, peak_mib, params = {}, {}, {}
-    for name, build in builders.items():  # one at a time, so that each peak is its own
-        model = build().to(device)
-        params[name] = sum(p.numel() for p in model.parameters())
+    steps, rows = {}, {}
+    for name, build in tqdm(builders.items(), desc="warm-up and compile", leave=False, disable=None):
+        model = build().to(device)  # one at a time, so that each peak is its own
         optimizer = build_optimizer(model, args, 1e-4, device)
-        compiled = torch.compile(model) if args.compile else model
+        compiled = torch.compile(model, mode=mode, dynamic=False) if args.compile else model
 
         def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
-            train_step(model, optimizer, img, target, args.smoothing, amp=cuda)
+            train_step(model, optimizer, [(img, target)], args.smoothing, amp=cuda)
 
         held = torch.cuda.memory_allocated(device) if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(args.bench_warmup):
+        start = time.perf_counter()
+        step()  # the first step compiles
+        sync()
+        first = time.perf_counter() - start
+        for _ in range(args.bench_warmup - 1):
             step()
         sync()
-        peak_mib[name] = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
-        steps[name] = step
+        peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
+        params = sum(p.numel() for p in model.parameters())
+        rows[name], steps[name] = dict(params=params, peak_mib=peak, first_step_s=first), step
 
     seconds = {name: [] for name in steps}
     for _ in range(args.bench_rounds):  # the models take turns, so drifts in clock or heat hit all alike
@@ -105,47 +124,66 @@ def benchmark(args, device):
 
     device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"\nbenchmark: {args.model or RECIPES[args.recipe]['model']} ({base.dim}d x {base.depth}), batch {batch}, "
-          f"{base.img_size} px, {'bf16' if cuda else 'fp32'} on {device_name}, compile {'on' if args.compile else 'off'}; "
-          f"{args.bench_warmup} warm-up, then {args.bench_rounds} rounds of {args.bench_steps} steps, median of rounds")  # fmt: skip
-    timm_name = next((n for n in steps if n.startswith("timm")), None)
-    rows = {}
-    print(
-        f"{'model':<22}{'params':>12}{'img/s':>10}{'ms/step':>10}{'peak MiB':>10}{'MFU':>8}{'vs timm':>9}{'vs default':>11}"
-    )
-    for name in steps:
-        ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
-        rate = batch / ms * 1e3
-        cfg = configs.get(name, reference)
-        mfu = 3 * flops_per_image(cfg) * rate / (args.peak_tflops * 1e12) if cuda else None
-        rows[name] = dict(
-            params=params[name], images_per_sec=rate, ms_per_step=ms, peak_mib=peak_mib[name], mfu=mfu
-        )
+          f"{base.img_size} px, {'bf16' if cuda else 'fp32'} on {device_name}, torch {torch.__version__}, "
+          f"compile {args.compile or 'off'}; {args.bench_warmup} warm-up, then {args.bench_rounds} rounds of "
+          f"{args.bench_steps} steps, median of rounds; vs columns compare models pooled alike")  # fmt: skip
+    print(f"{'model':<24}{'params':>12}{'img/s':>10}{'ms/step':>9}{'peak MiB':>9}{'MFU':>7}"
+          f"{'1st step s':>11}{'vs timm':>8}{'vs default':>11}")  # fmt: skip
     for name, r in rows.items():
-        vs_timm = f"{r['images_per_sec'] / rows[timm_name]['images_per_sec']:.3f}" if timm_name else "-"
-        default = rows.get("mpvg.py default")
-        vs_default = f"{r['images_per_sec'] / default['images_per_sec']:.3f}" if default else "-"
+        ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
+        cfg = configs.get(name.removeprefix("mpvg.py "), base)
+        r.update(ms_per_step=ms, images_per_sec=batch / ms * 1e3)
+        r["mfu"] = (
+            3 * flops_per_image(cfg) * r["images_per_sec"] / (args.peak_tflops * 1e12) if cuda else None
+        )
+
+    def ratio(row: dict, other: str) -> str:
+        return f"{row['images_per_sec'] / rows[other]['images_per_sec']:.3f}" if other in rows else "-"
+
+    for name, r in rows.items():
+        pool = name[name.rindex("(") :]
         memory = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(
-            f"{name:<22}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>10.1f}{memory:>10}{mfu:>8}{vs_timm:>9}{vs_default:>11}"
-        )
+        print(f"{name:<24}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>9.1f}{memory:>9}{mfu:>7}"
+              f"{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}{ratio(r, f'mpvg.py default {pool}'):>11}")  # fmt: skip
+    if args.profile:
+        profile(steps[args.profile], args.profile, cuda)
     rows["data loader"] = dict(images_per_sec=time_data_loader(args, base, device))
     return rows
 
 
+def profile(step, name: str, cuda: bool, top: int = 12):
+    """The kernels (or CPU ops) that take a row's step time, from torch.profiler over 5 steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile of {name}, 5 steps, top {top} by self time:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
+
+
 def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
-    """Images/s that the training loader delivers with the recipe's augmentations, model aside."""
-    train_set, val_set, _ = build_datasets(args, cfg.img_size, synthetic_classes=cfg.num_classes)
+    """Images/s that the training loader delivers with the recipe's augmentations, model aside: a
+    DataLoader over `batches` batches once its workers run; the device path over a whole epoch (it
+    augments a chunk of the epoch at a time)."""
+    train_set, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
+    on_device = use_device_data(args, device)
     it = iter(loader)
-    next(it)  # workers start, or the data set moves to the device
+    if not on_device:
+        next(it)  # the workers start
     start, seen = time.perf_counter(), 0
-    for _, (img, _) in zip(range(batches), it):
+    for _, (img, _) in zip(range(len(loader) if on_device else batches), it):
         seen += len(img.to(device, non_blocking=True))
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = seen / (time.perf_counter() - start)
-    how = "on the device, batched" if use_device_data(args, device) else f"{args.workers} workers"
+    how = "on the device, a chunk at a time" if on_device else f"{args.workers} workers"
     print(f"data loader alone: {rate:.0f} img/s ({args.data}, {args.recipe} recipe augmentations, {how})")
     return rate
 
@@ -155,11 +193,13 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
-    train.add_data_flags(p, default="synthetic")
+    train.add_data_flags(p, default="noise")
     train.add_model_flags(p)
     train.add_recipe_flags(p)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--compile", action="store_true", help="torch.compile every model")
+    g.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile every model, in this mode")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bench-steps", type=int, default=10, help="timed steps per model per round")
     g.add_argument("--bench-rounds", type=int, default=3, help="rounds, the models taking turns")
@@ -169,17 +209,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--peak-tflops", type=float, default=989.4, help="the device's dense bf16 peak, for MFU (H100 SXM)"
     )
+    g.add_argument(
+        "--timm", type=train.boolean, default=True, help="time timm's ViT beside ours, where timm imports"
+    )
+    g.add_argument("--profile", metavar="ROW", default=None,
+                   help="print torch.profiler's top kernels of one row, e.g. 'mpvg.py mpvg (gap)'")  # fmt: skip
+    g.add_argument("--loader-only", action="store_true", help="time the training data loader alone")
+    g.add_argument("--json", metavar="PATH", default=None, help="also write the rows to this file")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
-    args.rank, args.world = 0, 1
+    args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
 
 
 def main(argv=None):
-    return benchmark(parse_args(argv), train.pick_device())
+    args, device = parse_args(argv), train.pick_device()
+    if args.loader_only:
+        rows = {"data loader": dict(images_per_sec=time_data_loader(args, model_config(args), device))}
+    else:
+        rows = benchmark(args, device)
+    if args.json:  # for tools/speed.py, which gathers the Speed section's figures
+        Path(args.json).write_text(
+            json.dumps(dict(rows=rows, device=str(device), torch=torch.__version__, argv=argv))
+        )
+    return rows
 
 
 if __name__ == "__main__":

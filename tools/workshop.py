@@ -51,12 +51,13 @@ WORKSHOP_MODELS = [  # (pe, pool): every pairing of the paper's Fig. 1, and no P
 ]  # fmt: skip
 
 
-def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: int = 1024):
+def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: int = 1024, models=None):
     train_set, val_set = WhereIsThePlus(train_size, args.seed), WhereIsThePlus(val_size, args.seed + 1)
-    print(f"workshop: {len(WORKSHOP_MODELS)} tiny ViTs (16 px, 4 px patches, 48 wide, 4 deep) learn where a plus "
+    models = models or WORKSHOP_MODELS
+    print(f"workshop: {len(models)} tiny ViTs (16 px, 4 px patches, 48 wide, 4 deep) learn where a plus "
           f"sign is (16 classes; the commonest holds 8.2% of labels); {train_size} training images, {epochs} epochs, seed {args.seed}")  # fmt: skip
     rows = []
-    for pe, pool in WORKSHOP_MODELS:
+    for pe, pool in models:
         torch.manual_seed(args.seed)
         cfg = Config(
             img_size=16,
@@ -79,7 +80,7 @@ def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: i
         model.train()
         for _ in tqdm(range(epochs), desc=f"{pe} ({pool})", leave=False, disable=None):
             for img, target in loader:
-                train_step(model, optimizer, img.to(device), target.to(device), smoothing=0.0, amp=False)
+                train_step(model, optimizer, [(img.to(device), target.to(device))], smoothing=0.0, amp=False)
                 schedule.step()
         top1 = evaluate(model, DataLoader(val_set, batch_size=256), device, amp=False)["val_top1"]
         stats = analyse(model, val_set.images[:64].to(device))

@@ -1,0 +1,188 @@
+"""Every figure of the README's Speed section, from one command: on a GPU, as prepared for a lent machine.
+
+    python tools/speed.py --out speed                          # every stage, on one GPU
+    python tools/speed.py --out speed --stages deit_s,table2   # the first two, within one short lease
+    python tools/speed.py --out speed --quick                  # a rehearsal on a CPU at tiny sizes
+
+Each stage runs train.py or tools/benchmark.py in a process of its own, under its own time limit, and
+keeps its log (and JSON) in --out; a stage that fails or runs out of time is reported and the next one
+runs. speed.md in --out gathers the figures with the date, device and torch version.
+
+Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s
+on an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
+compiled, every mode and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
+50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
+with every PE mode under torchrun, and resumes), deit_s_eager, loader (the DeiT loader on JPEGs of
+ImageNet's typical size), deit_b (DeiT-B/16 MFU), scaling (DeiT-S batch 64-1024 and 384 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stages(quick: bool, out: Path, cores: int) -> dict:
+    """stage -> [(name, command, time limit in seconds)]: full sizes, or tiny ones for a CPU rehearsal."""
+    py, bench = [sys.executable], [sys.executable, str(ROOT / "tools/benchmark.py")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    small = (
+        ["--img-size", "32", "--patch-size", "8", "--dim", "64", "--depth", "2", "--heads", "2"]
+        if quick
+        else []
+    )
+    steps = (
+        ["--bench-steps", "2", "--bench-rounds", "1", "--bench-warmup", "2"]
+        if quick
+        else ["--bench-steps", "20"]
+    )
+    batch = "16" if quick else "256"
+
+    def deit(name, *flags, model="deit_small", batch=batch):
+        command = [*bench, "--model", model, "--batch-size", batch, *small, *steps, "--workers", str(cores),
+                   "--json", str(out / f"{name}.json"), *flags]  # fmt: skip
+        return [(name, command, 120 if quick else 420)]
+
+    cifar = [
+        "--data",
+        "noise",
+        "--recipe",
+        "cifar",
+        "--model",
+        "vit_lite_7_4",
+        "--device-data",
+        "on",
+        "--workers",
+        "0",
+    ]
+    compile_runs = []  # one epoch (training and evaluation) per mode; MPVG also resumed, compiled again
+    for mode in ("default", "lape", "pvg", "mpvg"):
+        folder = str(out / f"compile_{mode}")
+        flags = [*cifar, "--pe", mode, "--synthetic-size", "512" if quick else "5120", "--compile",
+                 *([] if quick else ["reduce-overhead"]), "--output-dir", folder, *small]  # fmt: skip
+        compile_runs.append(
+            (f"compile_{mode}", [*torchrun, str(ROOT / "train.py"), *flags, "--epochs", "1"], 240)
+        )
+    resume = ["--resume", "auto", "--output-dir", str(out / "compile_mpvg"), "--epochs", "2"]
+    compile_runs.append(("resume_mpvg", [*torchrun, str(ROOT / "train.py"), *resume], 240))
+    epochs = "2" if quick else "20"  # the epochs timed; the lr schedule does not change an epoch's time
+    table2 = [*cifar, "--pe", "mpvg", "--synthetic-size", "1024" if quick else "50000", "--epochs", epochs,
+              "--compile", *([] if quick else ["reduce-overhead"]), "--output-dir", str(out / "table2"), *small]  # fmt: skip
+    return {
+        "compile": compile_runs,
+        "table2": [("table2", [*py, str(ROOT / "train.py"), *table2], 120 if quick else 480)],
+        "deit_s": deit("deit_s", "--compile", "--profile", "mpvg.py mpvg (gap)"),
+        "deit_s_eager": deit("deit_s_eager", "--timm", "true"),
+        "deit_b": deit("deit_b", "--compile", "--pe", "mpvg", model="deit_base"),
+        "scaling": [run for b in (["8", "16"] if quick else ["64", "128", "256", "512", "1024"])
+                    for run in deit(f"scaling_b{b}", "--compile", "--pe", "default", "--timm", "false", batch=b)]
+        + deit("scaling_384px", "--compile", "--pe", "default", "--timm", "false", "--img-size", "64" if quick else "384"),
+        "loader": [("loader", [*bench, "--loader-only", "--data", "imagenet", "--data-path", str(out / "jpegs"),
+                               "--recipe", "deit", "--batch-size", batch, "--workers", str(cores),
+                               "--json", str(out / "loader.json"), *small], 300)],
+    }  # fmt: skip
+
+
+def make_jpegs(folder: Path, n: int, size=(400, 350), classes: int = 10):
+    """JPEGs of ImageNet's typical size and weight: smooth colour fields with texture, quality 90."""
+    import torch
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", n), ("val", max(n // 10, classes))):
+        for i in range(count):
+            d = folder / split / f"class{i % classes}"
+            d.mkdir(parents=True, exist_ok=True)
+            low = torch.rand(3, 6, 7, generator=g)[None]
+            smooth = torch.nn.functional.interpolate(low, size=size[::-1], mode="bicubic")[0]
+            pixels = (smooth * 200 + 40 * torch.rand(3, *size[::-1], generator=g)).clamp(0, 255).byte()
+            Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(d / f"{i}.jpg", quality=90)
+
+
+def summary(out: Path, results: list) -> str:
+    """speed.md: what each stage measured, read from its JSON or metrics, with the machine's facts."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    lines = [f"# Speed, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}", "",
+             "| stage | seconds | status |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {seconds:.0f} | {status} |" for name, seconds, status in results]
+    for path in sorted(out.glob("*.json")):
+        rows = json.loads(path.read_text())["rows"]
+        lines += [
+            "",
+            f"## {path.stem}",
+            "",
+            "| row | img/s | ms/step | peak MiB | MFU | first step s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            cells = [r.get(k) for k in ("images_per_sec", "ms_per_step", "peak_mib", "mfu", "first_step_s")]
+            text = [
+                "-" if c is None else f"{100 * c:.1f}%" if k == 3 else f"{c:,.1f}"
+                for k, c in enumerate(cells)
+            ]
+            lines.append(f"| {name} | " + " | ".join(text) + " |")
+    metrics = out / "table2/metrics.jsonl"
+    if metrics.exists():
+        epochs = [json.loads(x) for x in metrics.read_text().splitlines()]
+        steady = (
+            sorted(e["seconds"] for e in epochs[1:])[len(epochs[1:]) // 2]
+            if len(epochs) > 1
+            else epochs[0]["seconds"]
+        )
+        first = epochs[0]["seconds"] - steady  # compilation and warm-up
+        lines += ["", "## table2", "", f"{len(epochs)} epochs of ViT-Lite-7/4 (training only: {steady:.2f} s an epoch "
+                  f"once compiled, {epochs[-1]['images_per_sec']:,.0f} img/s; first epoch {first:.1f} s longer); "
+                  f"310 epochs with evaluation extrapolate to {(first + 310 * steady) / 60:.1f} minutes of training "
+                  f"(see table2.log for the evaluation's share)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="speed", help="where logs, JSON and speed.md go")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a rehearsal on a CPU")
+    p.add_argument("--stages", default="deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling",
+                   help="a comma-separated subset of the stages, run in this order")  # fmt: skip
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    plan = stages(args.quick, out, min(cores, 16))
+    unknown = set(args.stages.split(",")) - set(plan)
+    if unknown:
+        raise SystemExit(
+            f"speed.py: error: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(plan)}"
+        )
+    if "loader" in args.stages.split(",") and not (out / "jpegs").exists():
+        make_jpegs(out / "jpegs", 200 if args.quick else 4000)
+    results = []
+    for stage in args.stages.split(","):
+        for name, command, limit in plan[stage]:
+            start, log = time.perf_counter(), out / f"{name}.log"
+            print(f"speed.py: {name} (limit {limit} s) ...", flush=True)
+            with open(log, "w") as f:
+                try:
+                    rc = subprocess.run(
+                        command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=limit
+                    ).returncode
+                    status = "ok" if rc == 0 else f"failed (exit {rc}; see {log.name})"
+                except subprocess.TimeoutExpired:
+                    status = f"stopped at its {limit} s limit (see {log.name})"
+            results.append((name, time.perf_counter() - start, status))
+            print(f"speed.py: {name}: {status}, {results[-1][1]:.0f} s", flush=True)
+    (out / "speed.md").write_text(summary(out, results))
+    print((out / "speed.md").read_text())
+    return results
+
+
+if __name__ == "__main__":
+    main()
