@@ -770,7 +770,8 @@ def run(args, device):
     if start_epoch >= args.epochs:
         fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
              f"give a larger --epochs to train on")  # fmt: skip
-    args.folder = folder = RunFolder(out)
+    folder = args.folder = RunFolder(out)
+    args.progress["saved"] = start_epoch - 1 if ckpt else None  # what an interrupt reports as saved
     if master:
         folder.claim(run_id, start_epoch - 1)
         folder.metrics(start_epoch)  # a resume drops lines of epochs that its checkpoint does not hold

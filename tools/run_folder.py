@@ -57,11 +57,17 @@ class RunFolder:
             raise FolderError(
                 f"{self.path} is in use by another live run; wait for it, or choose another --output-dir"
             ) from None
-        owner = (
-            json.loads((self.path / "run.json").read_text()) if (self.path / "run.json").exists() else None
-        )
-        if owner is None and (self.path / "checkpoint.pt").exists():  # written before run.json existed
-            owner = dict(run_id=None, epoch=-1)  # a run of unknown id and epoch
+        owner = None
+        if (self.path / "run.json").exists():
+            try:
+                owner = json.loads((self.path / "run.json").read_text())
+                owner = dict(run_id=owner["run_id"], epoch=int(owner["epoch"]))
+            except (ValueError, KeyError, TypeError):
+                raise FolderError(
+                    f"{self.path}/run.json is not train.py's; choose another --output-dir"
+                ) from None
+        elif (self.path / "checkpoint.pt").exists():  # a run written before run.json existed
+            owner = dict(run_id=None, epoch=-1)  # its id and epoch unknown
         if owner is None:
             return
         held = f"{self.path} holds another run" + (
@@ -76,9 +82,11 @@ class RunFolder:
                 f"{held}, not the checkpoint's: resume into its own folder, or choose an empty --output-dir"
             )
         if owner["epoch"] > epoch:
-            raise FolderError(f"{self.path} holds epoch {owner['epoch'] + 1}, newer than the checkpoint's {epoch + 1}: "
-                 f"resuming would overwrite that history; resume from {self.path / 'checkpoint.pt'}, "
-                 f"or write this run to another --output-dir")  # fmt: skip
+            raise FolderError(
+                f"{self.path} holds epoch {owner['epoch'] + 1}, newer than the checkpoint's {epoch + 1}: resuming "
+                f"would overwrite that history; resume from {self.path / 'checkpoint.pt'}, or write this run to "
+                f"another --output-dir"
+            )
 
     def record(self, run_id: str, epoch: int):
         save_atomically(
