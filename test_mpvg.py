@@ -1102,7 +1102,9 @@ def test_a_signal_ends_the_run_with_a_way_back(tmp_path, sig):
     command = [sys.executable, "train.py", *TINY, "--synthetic-size", "256", "--epochs", "50",
                "--output-dir", str(tmp_path / "run")]  # fmt: skip
     process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    # (a suite started in the background inherits SIGINT ignored; the run under test must not)
     deadline = time.time() + 120
     while not (tmp_path / "run/run.json").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -1313,38 +1315,47 @@ def fixed_image(seed=0):
     )
 
 
-def test_randaugment_ops_equal_torchvisions_functionals():
-    """Each op with one argument per image equals torchvision's functional with that argument (the blends
-    may round one level apart), and the geometric ops read pixels as PIL's affine transforms do."""
-    from torchvision.transforms.v2 import InterpolationMode
+def test_randaugment_ops_equal_torchvisions_functionals_and_pils_transforms():
+    """Each op with one argument per image: the pixel ops equal torchvision's functional with that argument
+    (the blends may round one level apart); the geometric ops equal PIL's affine transforms, which timm
+    uses (a point outside the image reads the fill, neighbours clamp to the edge; PIL truncates)."""
+    import numpy as np
+    from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
-    smooth = fixed_image().repeat(3, 1, 1, 1)
-    fill, bilinear = (129, 124, 112), InterpolationMode.BILINEAR
-    affine = lambda img, **kw: TF.affine(img, **{"angle": 0.0, "translate": [0, 0], "scale": 1.0, "shear": [0.0, 0.0],  # noqa: E731
-                                                 "interpolation": bilinear, "fill": list(fill), **kw})  # fmt: skip
-    cases = [
-        ("PosterizeIncreasing", x, 1, TF.posterize(x, 1)), ("PosterizeIncreasing", x, 0, TF.posterize(x, 0)),
-        ("SolarizeIncreasing", x, 26, TF.solarize(x, 26)), ("Invert", x, 0, TF.invert(x)),
-        ("SolarizeAdd", x, 99, torch.where(x < 128, (x.int() + 99).clamp(max=255), x.int()).to(torch.uint8)),
-        ("AutoContrast", x, 0, TF.autocontrast(x)), ("Equalize", x, 0, TF.equalize(x)),
-        ("ColorIncreasing", x, 0.19, TF.adjust_saturation(x, 0.19)),
-        ("ContrastIncreasing", x, 1.81, TF.adjust_contrast(x, 1.81)),
-        ("BrightnessIncreasing", x, 0.1, TF.adjust_brightness(x, 0.1)),
-        ("SharpnessIncreasing", x, 1.81, TF.adjust_sharpness(x, 1.81)),
-        ("ShearX", smooth, 0.27, affine(smooth, shear=[math.degrees(math.atan(0.27)), 0.0], center=[0, 0])),
-        ("ShearY", smooth, -0.27, affine(smooth, shear=[0.0, -math.degrees(math.atan(0.27))], center=[0, 0])),
-        ("TranslateXRel", smooth, 0.405, affine(smooth, translate=[-0.405 * 32, 0])),
-        ("TranslateYRel", smooth, -0.405, affine(smooth, translate=[0, 0.405 * 32])),
-        ("Rotate", smooth, 27.0, TF.rotate(smooth, 27.0, bilinear, fill=list(fill))),
+    fill = (129, 124, 112)
+    pixel_ops = [
+        ("PosterizeIncreasing", 1, TF.posterize(x, 1)), ("PosterizeIncreasing", 0, TF.posterize(x, 0)),
+        ("SolarizeIncreasing", 26, TF.solarize(x, 26)), ("Invert", 0, TF.invert(x)),
+        ("SolarizeAdd", 99, torch.where(x < 128, (x.int() + 99).clamp(max=255), x.int()).to(torch.uint8)),
+        ("AutoContrast", 0, TF.autocontrast(x)), ("Equalize", 0, TF.equalize(x)),
+        ("ColorIncreasing", 0.19, TF.adjust_saturation(x, 0.19)),
+        ("ContrastIncreasing", 1.81, TF.adjust_contrast(x, 1.81)),
+        ("BrightnessIncreasing", 0.1, TF.adjust_brightness(x, 0.1)),
+        ("SharpnessIncreasing", 1.81, TF.adjust_sharpness(x, 1.81)),
     ]  # fmt: skip
-    for name, img, arg, expected in cases:
-        args = torch.full((len(img),), float(arg), dtype=torch.float64)
-        out = randaugment.apply_op(name, img, args, torch.zeros(len(img), dtype=torch.bool), fill)
+
+    def pil(img, name, arg):
+        im, kw = Image.fromarray(img.permute(1, 2, 0).numpy()), dict(resample=Image.BILINEAR, fillcolor=fill)
+        if name == "Rotate":
+            return im.rotate(arg, **kw)
+        matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
+                  "TranslateXRel": (1, 0, arg * 32, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg * 32)}[name]  # fmt: skip
+        return im.transform(im.size, Image.AFFINE, matrix, **kw)
+
+    geometric = [(name, arg, torch.stack([torch.from_numpy(np.array(pil(i, name, arg))).permute(2, 0, 1) for i in x]))
+                 for name, arg in (("Rotate", 27.0), ("Rotate", -13.0), ("ShearX", 0.27), ("ShearY", -0.2),
+                                   ("TranslateXRel", 0.3), ("TranslateYRel", -0.405))]  # fmt: skip
+    for name, arg, expected in pixel_ops + geometric:
+        args = torch.full((len(x),), float(arg), dtype=torch.float64)
+        out = randaugment.apply_op(name, x, args, torch.zeros(len(x), dtype=torch.bool), fill)
         assert (out.int() - expected.int()).abs().max() <= 1, name
         assert (out != expected).float().mean() < 0.1, name
+    one_channel = randaugment.apply_op("Rotate", x[:, :1], torch.full((3,), 20.0, dtype=torch.float64),
+                                       torch.zeros(3, dtype=torch.bool), fill)  # fmt: skip
+    assert one_channel.shape == (3, 1, 32, 32)
 
 
 def timm_policy_draws(n: int, seed: int = 0) -> list:
@@ -1804,3 +1815,89 @@ def test_one_copy_per_image_is_torchs_distributed_sampler(n, world):
         for epoch in (0, 3):
             ours.set_epoch(epoch), theirs.set_epoch(epoch)
             assert [k[0] for k in ours] == list(theirs) and {k[1:] for k in ours} == {(epoch, 0)}
+
+
+def test_mixing_pairs_each_image_with_its_mirror_as_timm():
+    """Batch-mode Mixup/CutMix: image i is mixed with image B-1-i (so repeated copies, side by side, are not
+    mixed with each other), Mixup is lam x + (1 - lam) x.flip(0), CutMix pastes one box and its lam is the
+    part of the image left, and the targets carry the same lam."""
+    x = torch.randn(6, 3, 8, 8)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])  # two images, three copies each, as the sampler deals them
+    torch.manual_seed(0)
+    mixed, target = train.Mixing(0.8, 0.0, 4)(x, y)
+    lam = float(target[0, 0])
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    assert (target[:3, 1] > 0).all() and torch.allclose(
+        target.sum(1), torch.ones(6)
+    )  # copies mixed with the other image
+    torch.manual_seed(1)
+    mixed, target = train.Mixing(0.0, 1.0, 4)(x, y)
+    pasted = (mixed != x).any(dim=1)[0]
+    rows, cols = pasted.any(dim=1), pasted.any(dim=0)
+    assert torch.equal(pasted, rows[:, None] & cols[None, :])  # one box
+    assert torch.equal(mixed[0][:, pasted], x[5][:, pasted])  # from the mirror image
+    assert float(target[0, 1]) == pytest.approx(
+        pasted.float().mean().item()
+    )  # its area, from image 5's label
+    lams = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        lams.append(float(train.Mixing(0.8, 0.0, 4)(x, y)[1][0, 0]))
+    beta = (
+        torch.distributions.Beta(0.8, 0.8)
+        .sample(
+            (3000,),
+        )
+        .double()
+    )
+    assert ks_statistic(torch.tensor(lams), beta) < 1.95 * math.sqrt(
+        3300 / (300 * 3000)
+    )  # lam ~ Beta(0.8, 0.8)
+
+
+def test_flags_are_never_abbreviated(capsys):
+    """A resumed run takes what was not given again from the checkpoint: an abbreviation would hide a flag."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epoch", "5"])
+    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+
+
+def test_a_fork_is_a_run_of_its_own(tmp_path):
+    """Resuming into an empty folder forks the run: a new id, so the fork can never be resumed over the
+    original later, however many epochs ahead it is."""
+    run_train(tmp_path, "--epochs", "1", name="orig")
+    train.main(
+        [
+            "--resume",
+            str(tmp_path / "orig/checkpoint.pt"),
+            "--epochs",
+            "3",
+            "--output-dir",
+            str(tmp_path / "fork"),
+        ]
+    )
+    ids = [json.loads((tmp_path / f"{name}/run.json").read_text())["run_id"] for name in ("orig", "fork")]
+    assert ids[0] != ids[1]
+    orig = snapshot(tmp_path / "orig")
+    with pytest.raises(SystemExit, match="orig holds another run .*, not the checkpoint's"):
+        train.main(
+            [
+                "--resume",
+                str(tmp_path / "fork/checkpoint.pt"),
+                "--epochs",
+                "4",
+                "--output-dir",
+                str(tmp_path / "orig"),
+            ]
+        )
+    assert snapshot(tmp_path / "orig") == orig
+
+
+def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="--profile names no row: choose one of 'mpvg.py default \\(cls\\)'"):
+        benchmark.parse_args([*TINY[:-2], "--profile", "mpvg.py nothing"])
+    with pytest.raises(SystemExit, match="--analyze-images must be at least 1"):
+        analyze.parse_args(["--analyze-images", "0"])
+    torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "odd.pt")
+    with pytest.raises(SystemExit, match="odd.pt holds no weights that this project can read"):
+        run_train(tmp_path, "--finetune", str(tmp_path / "odd.pt"))

@@ -183,8 +183,10 @@ def add_recipe_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train or evaluate ViT/DeiT with the paper's PE modes.", formatter_class=HelpFormatter
+    p = argparse.ArgumentParser(  # no abbreviations: a resumed run must see which flags were given
+        description="Train or evaluate ViT/DeiT with the paper's PE modes.",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
     )
     add_data_flags(p)
     add_model_flags(p)
@@ -505,12 +507,32 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def build_mixing(args, num_classes: int):
-    """timm's Mixup in batch mode: one of Mixup or CutMix per batch (p = 0.5 each when both are on), on
-    the batch's device with parameters drawn on the CPU, so no step waits for the GPU."""
-    mixes = [v2.MixUp(alpha=args.mixup, num_classes=num_classes)] if args.mixup > 0 else []
-    mixes += [v2.CutMix(alpha=args.cutmix, num_classes=num_classes)] if args.cutmix > 0 else []
-    return v2.RandomChoice(mixes) if mixes else None
+class Mixing:
+    """timm's Mixup in batch mode, as DeiT and Compact Transformers use it: per batch, CutMix or Mixup (each
+    with p = 0.5 when both are on) at lam ~ Beta(alpha, alpha), every image mixed with its mirror in the
+    batch (i with B-1-i, timm's pairing: repeated copies sit side by side, so a neighbour would often be the
+    same image), CutMix's lam corrected to the box's area. Parameters come from the CPU's RNG: no step
+    waits for the GPU. Returns the mixed images and soft targets (B, C)."""
+
+    def __init__(self, mixup: float, cutmix: float, num_classes: int):
+        self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or float(torch.rand(())) < 0.5)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        if use_cutmix:  # a box of area (1 - lam) at a uniform centre, clipped to the image
+            (h, w), cut = x.shape[-2:], math.sqrt(1 - lam)
+            cy, cx = (int(torch.randint(n, ())) for n in (h, w))
+            top, bottom = max(cy - int(h * cut) // 2, 0), min(cy + (int(h * cut) + 1) // 2, h)
+            left, right = max(cx - int(w * cut) // 2, 0), min(cx + (int(w * cut) + 1) // 2, w)
+            x = x.clone()
+            x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / (h * w)
+        else:
+            x = x * lam + x.flip(0) * (1 - lam)
+        one_hot = F.one_hot(y, self.num_classes).float()
+        return x, one_hot * lam + one_hot.flip(0) * (1 - lam)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,7 +699,7 @@ def main(argv=None):
         )
     device = pick_device(local_rank)
     signal.signal(signal.SIGTERM, interrupted)
-    args.progress = dict(epoch=None, saved=None)  # what an interrupt reports
+    args.progress = dict(epoch=None)  # the epoch an interrupt reports
     try:
         if args.world > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
@@ -688,15 +710,12 @@ def main(argv=None):
     except FolderError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        saved, folder = args.progress["saved"], args.output_dir
+        newest = Path(args.output_dir) / "checkpoint.pt"
         if args.rank == 0 and args.progress["epoch"] is not None:
-            held = (
-                f"{folder}/checkpoint.pt holds epoch {saved + 1}"
-                if saved is not None
-                else "no checkpoint was saved yet"
-            )
+            saved = torch.load(newest, weights_only=True, mmap=True)["epoch"] if newest.exists() else None
+            held = f"{newest} holds epoch {saved + 1}" if saved is not None else "no checkpoint was saved yet"
             print(f"\ntrain.py: interrupted in epoch {args.progress['epoch'] + 1}; {held}. Continue with: "
-                  f"python train.py --resume auto --output-dir {folder}", file=sys.stderr)  # fmt: skip
+                  f"python train.py --resume auto --output-dir {args.output_dir}", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
     finally:
         if getattr(args, "folder", None) and args.folder.lock:
@@ -713,11 +732,15 @@ def run(args, device):
     out, ckpt = Path(args.output_dir), args.resume_state
     if master and args.resume == "auto" and ckpt is None:
         print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    pretrained = load_checkpoint(args.finetune, set()) if args.finetune else None
-    if pretrained is not None and "model" in pretrained:  # train.py's and DeiT's hold the weights here
-        saved, pretrained = pretrained.get("model_config"), pretrained["model"]
-    else:  # timm's: the weights alone
-        saved = None
+    pretrained, saved = load_checkpoint(args.finetune, set()) if args.finetune else None, None
+    if pretrained is not None:  # train.py's and DeiT's hold the weights under "model", timm's are alone
+        saved = pretrained.get("model_config")
+        pretrained = pretrained.get("model", pretrained.get("state_dict", pretrained))
+        if not isinstance(pretrained, dict) or not all(
+            isinstance(v, torch.Tensor) for v in pretrained.values()
+        ):
+            fail(f"--finetune {args.finetune} holds no weights that this project can read (a dict of tensors, "
+                 f"alone or under 'model' or 'state_dict')")  # fmt: skip
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     if ckpt and num_classes != cfg.num_classes:
@@ -757,7 +780,7 @@ def run(args, device):
         else compiled
     )
     optimizer = build_optimizer(model, args, lr_at(0, args), device)
-    mixing = build_mixing(args, num_classes)
+    mixing = Mixing(args.mixup, args.cutmix, num_classes) if args.mixup > 0 or args.cutmix > 0 else None
     start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -771,9 +794,9 @@ def run(args, device):
         fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
              f"give a larger --epochs to train on")  # fmt: skip
     folder = args.folder = RunFolder(out)
-    args.progress["saved"] = start_epoch - 1 if ckpt else None  # what an interrupt reports as saved
     if master:
-        folder.claim(run_id, start_epoch - 1)
+        if not folder.claim(run_id, start_epoch - 1) and ckpt:
+            run_id = uuid.uuid4().hex  # a fork in a folder of its own: a run of its own from here on
         folder.metrics(start_epoch)  # a resume drops lines of epochs that its checkpoint does not hold
         params = sum(p.numel() for p in model.parameters())
         if args.epochs <= args.warmup_epochs + args.cooldown_epochs:
@@ -815,7 +838,6 @@ def run(args, device):
                 save_checkpoint(out / "best.pt", state)
             save_checkpoint(out / "checkpoint.pt", state)
             folder.record(run_id, epoch)
-            args.progress["saved"] = epoch
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
                   f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
                   f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip

@@ -203,7 +203,9 @@ def analyze(args, device):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter, allow_abbrev=False
+    )
     p.add_argument("analyze", nargs="?", default="new", metavar="CKPT",
                    help="a checkpoint of train.py; without one, a new model from --model and --pe")  # fmt: skip
     train.add_data_flags(p, default="synthetic")
@@ -219,7 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return train.resolve_recipe(build_parser().parse_args(argv))
+    args = train.resolve_recipe(build_parser().parse_args(argv))
+    if args.analyze_images < 1:
+        train.fail(f"--analyze-images must be at least 1, got {args.analyze_images}")
+    return args
 
 
 def main(argv=None):

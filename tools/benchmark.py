@@ -147,7 +147,7 @@ def benchmark(args, device):
         print(f"{name:<24}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>9.1f}{memory:>9}{mfu:>7}"
               f"{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}{ratio(r, f'mpvg.py default {pool}'):>11}")  # fmt: skip
     if args.profile:
-        profile(steps[args.profile], args.profile, cuda)
+        profile(steps[args.profile], args.profile, cuda)  # a row that parse_args checked exists
     rows["data loader"] = dict(images_per_sec=time_data_loader(args, base, device))
     return rows
 
@@ -192,7 +192,9 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter, allow_abbrev=False
+    )
     train.add_data_flags(p, default="noise")
     train.add_model_flags(p)
     train.add_recipe_flags(p)
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
+    rows = [f"mpvg.py {name}" for name in configurations(args, model_config(args))]
+    if args.profile and args.profile not in rows:
+        train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
+    for flag in ("bench_steps", "bench_rounds", "bench_warmup"):
+        if getattr(args, flag) < 1:
+            train.fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
 

@@ -76,24 +76,25 @@ def blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> to
 
 
 def affine(x: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Tensor, fill) -> torch.Tensor:
-    """Per-image affine resampling, as PIL's Image.transform: matrix (n, 2, 3) maps each output pixel
-    centre to the input point it reads; points outside read `fill`. Bilinear or bicubic per image."""
+    """Per-image affine resampling, as PIL's Image.transform (which timm uses): matrix (n, 2, 3) maps each
+    output pixel centre to the input point it reads; a point outside the image reads `fill`, one inside
+    interpolates with its neighbours clamped to the edge. Bilinear or bicubic per image."""
     n, c, h, w = x.shape
     ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
     points = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).to(matrix)  # (H, W, 3)
     source = torch.einsum("nij,hwj->nhwi", matrix, points)  # (n, H, W, 2), pixel units
+    inside = ((source >= 0) & (source < torch.tensor([w, h]).to(matrix))).all(dim=-1)  # (n, H, W)
     grid = (source / torch.tensor([w, h]).to(matrix) * 2 - 1).float().to(x.device)
-    planes = torch.cat([x.float(), torch.ones_like(x[:, :1], dtype=torch.float32)], dim=1)  # + a mask
-    out = torch.empty_like(planes)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     for mode, chosen in (("bilinear", ~bicubic), ("bicubic", bicubic)):
         if chosen.any():
             index = chosen.nonzero()[:, 0].to(x.device)
             out[index] = F.grid_sample(
-                planes[index], grid[index], mode, padding_mode="zeros", align_corners=False
+                x[index].float(), grid[index], mode, padding_mode="border", align_corners=False
             )
-    image, mask = out[:, :c], out[:, c:].clamp(0, 1)
-    fill = torch.tensor(fill, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return (image.sub_(fill).mul_(mask).add_(fill)).round_().clamp_(0, 255).to(torch.uint8)
+    fill = torch.tensor(fill if len(fill) == c else [sum(fill) / len(fill)] * c, dtype=torch.float32)
+    out = torch.where(inside.to(x.device)[:, None], out, fill.to(x.device).view(1, c, 1, 1))
+    return out.add_(1e-4).floor_().clamp_(0, 255).to(torch.uint8)  # PIL truncates
 
 
 def geometric_matrix(name: str, arg: torch.Tensor, h: int, w: int) -> torch.Tensor:

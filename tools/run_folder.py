@@ -6,6 +6,7 @@ train.py keeps its checkpoints and metrics here; this file imports nothing of th
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -15,12 +16,23 @@ class FolderError(Exception):
     """What went wrong with --output-dir, in one line that says what to do."""
 
 
+def fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomically(path: Path, write):
-    """write(tmp) then rename over path: a crash or a full disk leaves the previous file whole."""
+    """write(tmp), flushed to the disk, then renamed over path: a crash, a power loss or a full disk
+    leaves the previous file whole."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
+        fsync(tmp)  # the data on the disk before the rename...
         os.replace(tmp, path)
+        fsync(path.parent)  # ...and the rename itself
     except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as either
         tmp.unlink(missing_ok=True)
         raise FolderError(f"could not write {path} ({type(e).__name__}: {e}); the previous {path.name} is "
@@ -35,8 +47,9 @@ class RunFolder:
     def __init__(self, path: Path):
         self.path, self.lock = path, None
 
-    def claim(self, run_id: str, epoch: int):
-        """Take the folder for the run `run_id` resuming after `epoch` (-1: a new run), or fail."""
+    def claim(self, run_id: str, epoch: int) -> bool:
+        """Take the folder for the run `run_id` resuming after `epoch` (-1: a new run), or fail. Returns
+        whether the folder held a run (if not, a resumed run starts a fork of its own there)."""
         if self.path.exists() and not self.path.is_dir():
             raise FolderError(f"--output-dir {self.path} is a file; choose a folder")
         try:
@@ -53,10 +66,15 @@ class RunFolder:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # not on this OS: the ownership checks below still hold
             pass
-        except OSError:
-            raise FolderError(
-                f"{self.path} is in use by another live run; wait for it, or choose another --output-dir"
-            ) from None
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # a file system without locks
+                print(
+                    f"note: {self.path} cannot be locked ({e.strerror}): two live runs there would not be stopped"
+                )
+            else:
+                raise FolderError(
+                    f"{self.path} is in use by another live run; wait for it, or choose another --output-dir"
+                ) from None
         owner = None
         if (self.path / "run.json").exists():
             try:
@@ -69,7 +87,7 @@ class RunFolder:
         elif (self.path / "checkpoint.pt").exists():  # a run written before run.json existed
             owner = dict(run_id=None, epoch=-1)  # its id and epoch unknown
         if owner is None:
-            return
+            return False
         held = f"{self.path} holds another run" + (
             f" (epoch {owner['epoch'] + 1})" if owner["epoch"] >= 0 else ""
         )
@@ -87,6 +105,7 @@ class RunFolder:
                 f"would overwrite that history; resume from {self.path / 'checkpoint.pt'}, or write this run to "
                 f"another --output-dir"
             )
+        return True
 
     def record(self, run_id: str, epoch: int):
         save_atomically(

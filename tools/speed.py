@@ -12,7 +12,7 @@ Stages, in the default order (the most wanted figures first; every compile of a 
 on an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
 compiled, every mode and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
 50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
-with every PE mode under torchrun, and resumes), deit_s_eager, loader (the DeiT loader on JPEGs of
+with every PE mode under torchrun with one process, and resumes; DDP with compile needs two GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of
 ImageNet's typical size), deit_b (DeiT-B/16 MFU), scaling (DeiT-S batch 64-1024 and 384 px).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -167,6 +168,8 @@ def main(argv=None):
     results = []
     for stage in args.stages.split(","):
         for name, command, limit in plan[stage]:
+            for stale in (out / name, out / f"{name}.json", out / f"{name}.log"):  # no figure of an older run
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
             start, log = time.perf_counter(), out / f"{name}.log"
             print(f"speed.py: {name} (limit {limit} s) ...", flush=True)
             with open(log, "w") as f:
