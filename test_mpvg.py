@@ -1518,6 +1518,13 @@ def test_the_device_loader_draws_anew_for_each_batch_and_epoch_and_repeats_an_ep
         builtin_data.NoiseImages(96, 10, 32, 0).targets
     )
     assert not any(torch.equal(a[0], b[0]) for a, b in zip(first, second))  # another epoch, another draw
+    data = builtin_data.NoiseImages(32, 10, 32, seed=0)
+    same_order = [[(i, epoch, 0) for i in range(32)] for epoch in (0, 1)]  # the same images in the same order
+    images, labels = device_data.as_tensors(data, torch.device("cpu"))
+    augment = device_data.BatchAugment(cifar_args(), 32)
+    a, b = (torch.cat([x for x, _ in device_data.DeviceLoader(images, labels, keys, 16, augment, seed=0)])
+            for keys in same_order)  # fmt: skip
+    assert not any(torch.equal(u, v) for u, v in zip(a, b))  # each image drawn anew in the next epoch
     outputs = torch.cat([x for x, _ in first])
     assert len({hash(o.numpy().tobytes()) for o in outputs}) == 96  # every image, batch after batch, its own
     small = device_batches(0, chunk=32)  # chunks of two batches: the same batches in the same order
@@ -1901,3 +1908,21 @@ def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "odd.pt")
     with pytest.raises(SystemExit, match="odd.pt holds no weights that this project can read"):
         run_train(tmp_path, "--finetune", str(tmp_path / "odd.pt"))
+
+
+@given(st.integers(2, 6), st.floats(0.0, 0.3), st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_the_loss_smooths_mixed_targets_as_timm(classes, smoothing, lam, seed):
+    """Label smoothing of Mixup/CutMix targets, as timm's mixup_target: each one-hot target smoothed to
+    (1 - s) + s / C and s / C, then mixed with lam; and a one-hot soft target gives the hard-label loss."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, classes, generator=g, dtype=torch.float64)
+    y = torch.randint(classes, (4,), generator=g)
+    smooth = lambda t: F.one_hot(t, classes).double() * (1 - smoothing) + smoothing / classes  # noqa: E731
+    expected = -(lam * smooth(y) + (1 - lam) * smooth(y.flip(0))) * F.log_softmax(logits, dim=-1)
+    mixed = F.one_hot(y, classes).double() * lam + F.one_hot(y.flip(0), classes).double() * (1 - lam)
+    loss = train.soft_cross_entropy(logits, mixed, smoothing)
+    assert float(loss) == pytest.approx(float(expected.sum(-1).mean()), rel=1e-6)  # the loss is float32
+    hard = train.soft_cross_entropy(logits, y, smoothing)
+    assert float(
+        train.soft_cross_entropy(logits, F.one_hot(y, classes).double(), smoothing)
+    ) == pytest.approx(float(hard))

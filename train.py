@@ -124,7 +124,12 @@ def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
                         "labels (for benchmarks)")  # fmt: skip
     g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
     g.add_argument("--synthetic-size", type=int, default=2560, help="training images of synthetic and noise")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="loader workers per rank")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="loader workers per rank: min(8, CPU cores)",
+    )
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                    help="hold the data set on the device as uint8 and augment whole chunks there "
                         "(fixed-size sets; auto: on for cifar100 on CUDA)")  # fmt: skip
