@@ -1,6 +1,6 @@
 """A workshop on a laptop: tiny ViTs of every PE mode learn a task that only position solves.
 
-python tools/workshop.py            # about 1.5 minutes on a 2-core CPU
+python tools/workshop.py            # about a minute on a 2-core CPU
 """
 
 from __future__ import annotations
