@@ -333,9 +333,14 @@ def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
     return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
 
 
-def load_model(path, map_location="cpu") -> VisionTransformer:
-    """The model of a train.py checkpoint (best.pt or checkpoint.pt), with its weights, in eval mode."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+def load_model(checkpoint, map_location="cpu") -> VisionTransformer:
+    """The model of a train.py checkpoint (best.pt or checkpoint.pt: a path, or the loaded dict), with its
+    weights, in eval mode."""
+    state = (
+        checkpoint
+        if isinstance(checkpoint, dict)
+        else torch.load(checkpoint, map_location, weights_only=True)
+    )
     model = VisionTransformer(Config(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval()

@@ -798,7 +798,8 @@ def run(args, device):
     if start_epoch >= args.epochs:
         fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
              f"give a larger --epochs to train on")  # fmt: skip
-    folder = args.folder = RunFolder(out)
+    folder, chance_top1 = RunFolder(out), chance(val_set)
+    args.folder = folder
     if master:
         if not folder.claim(run_id, start_epoch - 1) and ckpt:
             run_id = uuid.uuid4().hex  # a fork in a folder of its own: a run of its own from here on
@@ -809,7 +810,7 @@ def run(args, device):
                   f"{args.cooldown_epochs} cooldown epochs; set --warmup-epochs and --cooldown-epochs for short runs")  # fmt: skip
         print(f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {len(train_set)} training "
               f"images, {args.world} process(es) on {device.type}, batch {args.batch_size}, peak lr {peak_lr(args):.3g}; "
-              f"chance: {chance(val_set):.2f}% (always the commonest class)")  # fmt: skip
+              f"chance: {chance_top1:.2f}% (always the commonest class)")  # fmt: skip
 
     for epoch in range(start_epoch, args.epochs):
         args.progress["epoch"] = epoch
@@ -848,7 +849,7 @@ def run(args, device):
                   f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip
     if master:
         files = ", ".join(f.name for f in (out / "best.pt", out / "checkpoint.pt") if f.exists())
-        print(f"best top-1 {best['val_top1']:.2f}% at epoch {best['epoch']} (chance {chance(val_set):.2f}%); "
+        print(f"best top-1 {best['val_top1']:.2f}% at epoch {best['epoch']} (chance {chance_top1:.2f}%); "
               f"{out}/ holds {files}, metrics.jsonl")  # fmt: skip
     if dist.is_initialized():
         dist.barrier()  # no rank tears the group down while rank 0 is still writing

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
 
 import train
-from mpvg import Config, VisionTransformer, analyse
+from mpvg import VisionTransformer, analyse, load_model
 from train import build_datasets, build_transforms, load_checkpoint, model_config
 
 
@@ -127,10 +127,9 @@ def analyze(args, device):
         model = VisionTransformer(cfg)
         source = f"a new {cfg.pe} model"
     else:
-        ckpt = load_checkpoint(args.analyze)
-        cfg = Config(**ckpt["model_config"])
-        model = VisionTransformer(cfg)
-        model.load_state_dict(ckpt["model"])
+        ckpt = load_checkpoint(args.analyze)  # one line for a file that is not train.py's
+        model = load_model(ckpt)
+        cfg = model.cfg
         path = Path(args.analyze).resolve()
         source = (
             f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine path

@@ -96,7 +96,6 @@ class BatchAugment:
         self.mean = torch.tensor(args.mean)[:, None, None]
         self.std = torch.tensor(args.std)[:, None, None]
         self.fill = randaugment.fill_colour(args.mean)
-        self.last = {}  # what the last batch drew, for the curious
 
     def __call__(
         self, x: torch.Tensor, g: torch.Generator, g_device: torch.Generator | None = None
@@ -117,10 +116,10 @@ class BatchAugment:
         x = resized_crops(x, top, left, h, w, self.size, bicubic)
         flip = torch.rand(n, generator=g) < a.hflip
         x = torch.where(to_device(flip, device)[:, None, None, None], x.flip(-1), x)
-        choices = None
         if a.randaug_magnitude > 0:
-            choices = randaugment.draw(n, g, a.randaug_magnitude, interpolation=a.interpolation)
-            x = randaugment.apply(x, choices, self.fill)
+            x = randaugment.apply(
+                x, randaugment.draw(n, g, a.randaug_magnitude, interpolation=a.interpolation), self.fill
+            )
         x = (x.float() / 255 - self.mean) / self.std
         erase = torch.rand(n, generator=g) < a.reprob
         et, el, eh, ew, found = sample_boxes(
@@ -134,13 +133,6 @@ class BatchAugment:
             mask = inside_r[:, :, None] & inside_c[:, None, :] & erase[:, None, None]
             noise = torch.randn(x.shape, generator=g_device or g, device=device)
             x = torch.where(to_device(mask, device)[:, None], noise, x)
-        self.last = dict(
-            crop=torch.stack([top, left, h, w], 1),
-            bicubic=bicubic,
-            flip=flip,
-            randaugment=choices,
-            erase=erase,
-        )
         return x
 
 
