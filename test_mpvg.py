@@ -1437,8 +1437,9 @@ def test_batched_resized_crops_equal_torchvisions_per_image():
             theirs = torch.stack([
                 TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], mode) for i in range(24)
             ])  # fmt: skip
-            assert (ours.int() - theirs.int()).abs().max() <= 2  # fixed-point rounding, on noise images
-            assert (ours != theirs).float().mean() < 0.15  # seen: 3-4% (torchvision 0.29), 10% (0.19)
+            error = (ours.int() - theirs.int()).abs()
+            assert error.max() <= 2  # rounding: torchvision's uint8 kernels differ from version to version
+            assert error.float().mean() < 0.25  # seen: up to 0.04 levels (torchvision 0.29), 0.16 (0.19)
 
 
 def test_batch_augment_applies_its_own_draw_to_each_image():
