@@ -75,6 +75,12 @@ MODEL_FLAGS = [  # flag dest -> Config field; None on the command line means "fr
     "pe", "pool", "pe_input", "pe_layers", "pe_hierarchical", "last_pe",
     "img_size", "patch_size", "dim", "depth", "heads",
 ]  # fmt: skip
+COMPILE_MODES = [
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+]  # torch.compile's
 RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( and ) exclude it
     "epochs": "[1, inf)", "cooldown_epochs": "[0, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)",
     "accum_steps": "[1, inf)", "lr": "(0, inf)", "lr_batch_scale": "[0, inf)", "min_lr": "[0, inf)",
@@ -208,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
     g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step: the same update as "
                    "the whole --batch-size at once, in less memory")  # fmt: skip
-    g.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
                    help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)")  # fmt: skip
     g.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
     return p
@@ -503,6 +508,12 @@ def lr_at(epoch: int, args) -> float:
     return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch / cosine_epochs))
 
 
+def compile_model(model, mode: str | None):
+    """torch.compile in one of COMPILE_MODES with static shapes (the CUDA graphs of reduce-overhead replay
+    one shape), or the model itself when mode is None."""
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False) if mode else model
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy with label smoothing, for class ids (B,) or Mixup/CutMix soft targets (B, C)."""
     logits = logits.float()
@@ -764,8 +775,7 @@ def run(args, device):
             fail(f"--finetune {args.finetune}: {e}")
         if master:
             print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
-    mode = None if args.compile == "default" else args.compile
-    compiled = torch.compile(model, mode=mode, dynamic=False) if args.compile else model
+    compiled = compile_model(model, args.compile)
     train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
     static = per_rank if args.compile else None  # one shape for the compiled graph
 

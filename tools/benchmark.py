@@ -87,13 +87,12 @@ def benchmark(args, device):
     img = torch.randn(batch, base.in_chans, base.img_size, base.img_size, device=device)
     target = torch.randint(base.num_classes, (batch,), device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    mode = None if args.compile in (None, "default") else args.compile
 
     steps, rows = {}, {}
     for name, build in tqdm(builders.items(), desc="warm-up and compile", leave=False, disable=None):
         model = build().to(device)  # one at a time, so that each peak is its own
         optimizer = build_optimizer(model, args, 1e-4, device)
-        compiled = torch.compile(model, mode=mode, dynamic=False) if args.compile else model
+        compiled = train.compile_model(model, args.compile)
 
         def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
             train_step(model, optimizer, [(img, target)], args.smoothing, amp=cuda)
@@ -199,8 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_model_flags(p)
     train.add_recipe_flags(p)
     g = p.add_argument_group("benchmark")
-    g.add_argument("--compile", nargs="?", const="default", default=None,
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
                    help="torch.compile every model, in this mode")  # fmt: skip
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--bench-steps", type=int, default=10, help="timed steps per model per round")
