@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import train
 from mpvg import PE_MODES, PRESETS, Config, analyse, create_model, load_model, pearson
-from tools import analyze, benchmark, builtin_data, device_data, randaugment, workshop
+from tools import analyze, benchmark, builtin_data, device_data, mixing, randaugment, run_folder, workshop
 from tools.pretrained import load_pretrained, resize_pos_embed
 
 settings.register_profile(
@@ -670,18 +670,18 @@ def test_train_run_writes_metrics_and_checkpoints_and_reloads(tmp_path):
 def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     """Bit for bit on a CPU: model, optimizer, schedule, RNG and data order all continue exactly."""
     run_train(tmp_path, "--epochs", "3", name="straight")
-    save = train.save_checkpoint
+    save = run_folder.save_checkpoint
 
     def crash_after_epoch_2(path, state):
         save(path, state)
         if state["epoch"] == 1 and path.name == "checkpoint.pt":
             raise KeyboardInterrupt  # the run dies here
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_epoch_2)
+    monkeypatch.setattr(run_folder, "save_checkpoint", crash_after_epoch_2)
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path, "--epochs", "3", name="stopped")
     assert stopped.value.code == 130
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     # resumed as a user would: only --resume; data, recipe and model come from the checkpoint, and
     # another worker count changes nothing (augmentation is seeded per image, loaders own their RNG)
     train.main(["--resume", "auto", "--output-dir", str(tmp_path / "stopped"), "--workers", "1"])
@@ -1023,7 +1023,7 @@ def test_resuming_an_older_checkpoint_into_its_folder_is_refused(tmp_path):
 def test_a_crash_between_the_saves_leaves_every_named_file(tmp_path, monkeypatch):
     """When top-1 improves, an epoch writes two files. A crash between them must not leave a checkpoint
     that names as best an epoch whose best.pt is not on disk; and the run resumes."""
-    save, evaluate, saves = train.save_checkpoint, train.evaluate, []
+    save, evaluate, saves = run_folder.save_checkpoint, train.evaluate, []
     scores = iter(range(10, 100))
     monkeypatch.setattr(
         train, "evaluate", lambda *a, **kw: {**evaluate(*a, **kw), "val_top1": float(next(scores))}
@@ -1035,12 +1035,12 @@ def test_a_crash_between_the_saves_leaves_every_named_file(tmp_path, monkeypatch
             raise KeyboardInterrupt  # killed between the two writes of epoch 2
         save(path, state)
 
-    monkeypatch.setattr(train, "save_checkpoint", die_on_the_second_write_of_epoch_2)
+    monkeypatch.setattr(run_folder, "save_checkpoint", die_on_the_second_write_of_epoch_2)
     with pytest.raises(SystemExit):
         run_train(tmp_path, "--epochs", "3")
     named = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["best"]["epoch"]
     assert torch.load(tmp_path / "run/best.pt", weights_only=True)["epoch"] + 1 >= named
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
     run_train(tmp_path, "--epochs", "3", "--resume", "auto")
     assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 2
 
@@ -1832,14 +1832,14 @@ def test_mixing_pairs_each_image_with_its_mirror_as_timm():
     x = torch.randn(6, 3, 8, 8)
     y = torch.tensor([0, 0, 0, 1, 1, 1])  # two images, three copies each, as the sampler deals them
     torch.manual_seed(0)
-    mixed, target = train.Mixing(0.8, 0.0, 4)(x, y)
+    mixed, target = mixing.Mixing(0.8, 0.0, 4)(x, y)
     lam = float(target[0, 0])
     torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
     assert (target[:3, 1] > 0).all() and torch.allclose(
         target.sum(1), torch.ones(6)
     )  # copies mixed with the other image
     torch.manual_seed(1)
-    mixed, target = train.Mixing(0.0, 1.0, 4)(x, y)
+    mixed, target = mixing.Mixing(0.0, 1.0, 4)(x, y)
     pasted = (mixed != x).any(dim=1)[0]
     rows, cols = pasted.any(dim=1), pasted.any(dim=0)
     assert torch.equal(pasted, rows[:, None] & cols[None, :])  # one box
@@ -1850,7 +1850,7 @@ def test_mixing_pairs_each_image_with_its_mirror_as_timm():
     lams = []
     for seed in range(300):
         torch.manual_seed(seed)
-        lams.append(float(train.Mixing(0.8, 0.0, 4)(x, y)[1][0, 0]))
+        lams.append(float(mixing.Mixing(0.8, 0.0, 4)(x, y)[1][0, 0]))
     beta = (
         torch.distributions.Beta(0.8, 0.8)
         .sample(

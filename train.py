@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import math
 import os
-import pickle
 import random
 import signal
 import sys
@@ -35,11 +34,12 @@ from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
-from tools.builtin_data import NoiseImages, PlusSigns
+from tools.builtin_data import builtin_datasets
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
-from tools.pretrained import load_pretrained
+from tools.mixing import Mixing
+from tools.pretrained import load_pretrained, weights_of
 from tools.randaugment import RandAugment
-from tools.run_folder import FolderError, RunFolder, save_atomically
+from tools.run_folder import FolderError, RunFolder, read_checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -370,13 +370,7 @@ def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
     """(train, val, num_classes), each set without transforms."""
     root = Path(args.data_path)
     if args.data in ("synthetic", "noise"):
-        val_size = max(args.synthetic_size // 5, 1)
-        if args.data == "noise":
-            make = lambda n, seed: NoiseImages(n, noise_classes, img_size, seed)  # noqa: E731
-        else:
-            make = lambda n, seed: PlusSigns(n, img_size, seed)  # noqa: E731
-        train, val = make(args.synthetic_size, args.seed), make(val_size, args.seed + 1)
-        return train, val, noise_classes if args.data == "noise" else train.classes
+        return builtin_datasets(args.data, args.synthetic_size, img_size, noise_classes, args.seed)
     if args.data == "cifar100":
         try:
             train = torchvision.datasets.CIFAR100(root, train=True, download=True)
@@ -523,62 +517,19 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-class Mixing:
-    """timm's Mixup in batch mode, as DeiT and Compact Transformers use it: per batch, CutMix or Mixup (each
-    with p = 0.5 when both are on) at lam ~ Beta(alpha, alpha), every image mixed with its mirror in the
-    batch (i with B-1-i, timm's pairing: repeated copies sit side by side, so a neighbour would often be the
-    same image), CutMix's lam corrected to the box's area. Parameters come from the CPU's RNG: no step
-    waits for the GPU. Returns the mixed images and soft targets (B, C)."""
-
-    def __init__(self, mixup: float, cutmix: float, num_classes: int):
-        self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor):
-        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or float(torch.rand(())) < 0.5)
-        alpha = self.cutmix if use_cutmix else self.mixup
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())
-        if use_cutmix:  # a box of area (1 - lam) at a uniform centre, clipped to the image
-            (h, w), cut = x.shape[-2:], math.sqrt(1 - lam)
-            cy, cx = (int(torch.randint(n, ())) for n in (h, w))
-            top, bottom = max(cy - int(h * cut) // 2, 0), min(cy + (int(h * cut) + 1) // 2, h)
-            left, right = max(cx - int(w * cut) // 2, 0), min(cx + (int(w * cut) + 1) // 2, w)
-            x = x.clone()
-            x[..., top:bottom, left:right] = x.flip(0)[..., top:bottom, left:right]
-            lam = 1 - (bottom - top) * (right - left) / (h * w)
-        else:
-            x = x * lam + x.flip(0) * (1 - lam)
-        one_hot = F.one_hot(y, self.num_classes).float()
-        return x, one_hot * lam + one_hot.flip(0) * (1 - lam)
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and the run's folder: one live run per folder, atomic writes, never a bad one saved
-
-
-def save_checkpoint(path: Path, state: dict):
-    save_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
 
 
 def load_checkpoint(path: str | Path, keys=CHECKPOINT_KEYS) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        fail(f"no checkpoint at {path}")
+    """A checkpoint with every key of `keys`, or one line that says what is wrong with the file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        fail(f"{path} is not a checkpoint of this project: it holds pickled Python objects, which loading "
-             f"with weights_only=True refuses ({str(e).splitlines()[-1][:120]}); pass a file of tensors")  # fmt: skip
-    except Exception as e:
-        fail(
-            f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use another one"
-        )
-    lacking = sorted(keys - set(state)) if isinstance(state, dict) else ["all"]
-    if lacking:
-        fail(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(lacking)})")
-    return state
+        return read_checkpoint(Path(path), keys)
+    except FolderError as e:
+        fail(str(e))
 
 
 def rng_state(device: torch.device) -> dict:
@@ -726,12 +677,9 @@ def main(argv=None):
     except FolderError as e:
         fail(str(e))
     except KeyboardInterrupt:
-        newest = Path(args.output_dir) / "checkpoint.pt"
         if args.rank == 0 and args.progress["epoch"] is not None:
-            saved = torch.load(newest, weights_only=True, mmap=True)["epoch"] if newest.exists() else None
-            held = f"{newest} holds epoch {saved + 1}" if saved is not None else "no checkpoint was saved yet"
-            print(f"\ntrain.py: interrupted in epoch {args.progress['epoch'] + 1}; {held}. Continue with: "
-                  f"python train.py --resume auto --output-dir {args.output_dir}", file=sys.stderr)  # fmt: skip
+            message = RunFolder(Path(args.output_dir)).interrupted(args.progress["epoch"])
+            print(f"\ntrain.py: {message}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if getattr(args, "folder", None) and args.folder.lock:
@@ -748,15 +696,12 @@ def run(args, device):
     out, ckpt = Path(args.output_dir), args.resume_state
     if master and args.resume == "auto" and ckpt is None:
         print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    pretrained, saved = load_checkpoint(args.finetune, set()) if args.finetune else None, None
-    if pretrained is not None:  # train.py's and DeiT's hold the weights under "model", timm's are alone
-        saved = pretrained.get("model_config")
-        pretrained = pretrained.get("model", pretrained.get("state_dict", pretrained))
-        if not isinstance(pretrained, dict) or not all(
-            isinstance(v, torch.Tensor) for v in pretrained.values()
-        ):
-            fail(f"--finetune {args.finetune} holds no weights that this project can read (a dict of tensors, "
-                 f"alone or under 'model' or 'state_dict')")  # fmt: skip
+    pretrained, saved = None, None
+    if args.finetune:
+        try:
+            pretrained, saved = weights_of(load_checkpoint(args.finetune, set()))
+        except ValueError as e:
+            fail(f"--finetune {args.finetune} {e}")
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     if ckpt and num_classes != cfg.num_classes:
@@ -849,11 +794,7 @@ def run(args, device):
                 model_config=asdict(cfg), rng=states, lr=lr,
                 args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
             )  # fmt: skip
-            folder.metrics(epoch, metrics)  # first: a resume drops what no checkpoint holds
-            if is_best:  # before checkpoint.pt: whichever a crash leaves, what it names exists
-                save_checkpoint(out / "best.pt", state)
-            save_checkpoint(out / "checkpoint.pt", state)
-            folder.record(run_id, epoch)
+            folder.save(epoch, metrics, state, is_best)
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
                   f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
                   f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip

@@ -48,3 +48,14 @@ class NoiseImages(Dataset):
         return torch.randint(
             0, 256, (3, self.img_size, self.img_size), dtype=torch.uint8, generator=g
         ), self.targets[i]
+
+
+def builtin_datasets(kind: str, size: int, img_size: int, noise_classes: int, seed: int):
+    """(train, val, num_classes) of `--data synthetic` or `--data noise`: `size` training images and a fifth
+    as many for validation, made with other seeds."""
+    if kind == "noise":
+        make = lambda n, seed: NoiseImages(n, noise_classes, img_size, seed)  # noqa: E731
+    else:
+        make = lambda n, seed: PlusSigns(n, img_size, seed)  # noqa: E731
+    train, val = make(size, seed), make(max(size // 5, 1), seed + 1)
+    return train, val, noise_classes if kind == "noise" else train.classes

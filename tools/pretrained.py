@@ -22,6 +22,16 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return rearrange(patches, "1 d h w -> 1 (h w) d").to(pos.dtype)
 
 
+def weights_of(checkpoint: dict) -> tuple[dict, dict | None]:
+    """The weights and model config (None if it has none) of a checkpoint: train.py's and DeiT's hold the
+    weights under "model", some under "state_dict", timm's are the weights alone."""
+    weights = checkpoint.get("model", checkpoint.get("state_dict", checkpoint))
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError("holds no weights that this project can read (a dict of tensors, alone or under "
+                         "'model' or 'state_dict')")  # fmt: skip
+    return weights, checkpoint.get("model_config")
+
+
 def load_pretrained(model, state: dict) -> list[str]:
     """Load a checkpoint's weights into a model of another class count or resolution (DeiT's
     --finetune): the head is left new when its shape differs, pos_embed is resized to this model's

@@ -1,4 +1,5 @@
-"""One training run's folder: owned by one run, written by one live process, every file written whole.
+"""One training run's folder: owned by one run, written by one live process, every file written whole,
+every checkpoint read back with one line for what is wrong with it.
 
 train.py keeps its checkpoints and metrics here; this file imports nothing of the project's back.
 """
@@ -9,7 +10,10 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 from pathlib import Path
+
+import torch
 
 
 class FolderError(Exception):
@@ -37,6 +41,29 @@ def save_atomically(path: Path, write):
         tmp.unlink(missing_ok=True)
         raise FolderError(f"could not write {path} ({type(e).__name__}: {e}); the previous {path.name} is "
                           f"untouched. Free space (or fix permissions), then --resume auto") from None  # fmt: skip
+
+
+def save_checkpoint(path: Path, state: dict):
+    save_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: Path, keys: set[str]) -> dict:
+    """The checkpoint at path, tensors only (weights_only), holding every key of `keys`."""
+    if not path.is_file():
+        raise FolderError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects, which "
+                          f"loading with weights_only=True refuses ({str(e).splitlines()[-1][:120]}); pass a file "
+                          f"of tensors") from None  # fmt: skip
+    except Exception as e:
+        raise FolderError(f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use "
+                          f"another one") from None  # fmt: skip
+    lacking = sorted(keys - set(state)) if isinstance(state, dict) else ["all"]
+    if lacking:
+        raise FolderError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(lacking)})")
+    return state
 
 
 class RunFolder:
@@ -106,6 +133,24 @@ class RunFolder:
                 f"another --output-dir"
             )
         return True
+
+    def save(self, epoch: int, metrics: dict, state: dict, is_best: bool):
+        """An epoch's files, in an order that leaves them consistent wherever a crash falls: its metrics line
+        (a resume drops what no checkpoint holds), best.pt (checkpoint.pt names it as best), checkpoint.pt,
+        then run.json."""
+        self.metrics(epoch, metrics)
+        if is_best:
+            save_checkpoint(self.path / "best.pt", state)
+        save_checkpoint(self.path / "checkpoint.pt", state)
+        self.record(state["run_id"], epoch)
+
+    def interrupted(self, epoch: int) -> str:
+        """What to tell a user whose run stopped in `epoch`: what is saved and how to continue."""
+        newest = self.path / "checkpoint.pt"
+        saved = torch.load(newest, weights_only=True, mmap=True)["epoch"] if newest.exists() else None
+        held = f"{newest} holds epoch {saved + 1}" if saved is not None else "no checkpoint was saved yet"
+        return (f"interrupted in epoch {epoch + 1}; {held}. Continue with: python train.py --resume auto "
+                f"--output-dir {self.path}")  # fmt: skip
 
     def record(self, run_id: str, epoch: int):
         save_atomically(
