@@ -36,6 +36,7 @@ from tqdm import tqdm
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
 from tools.builtin_data import builtin_datasets
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
+from tools.flags import HelpFormatter, boolean, layer_or_none, out_of_range
 from tools.mixing import Mixing
 from tools.pretrained import load_pretrained, weights_of
 from tools.randaugment import RandAugment
@@ -100,27 +101,7 @@ class DataError(Exception):
     """A training image that cannot be read; raised in a loader worker, reported in one line."""
 
 
-# ----------------------------------------------------------------------------------------------
 # Command line
-
-
-def boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def layer_or_none(text: str) -> int | str:
-    return "none" if text.lower() == "none" else int(text)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default where it has one; flags whose default comes from elsewhere say so."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
@@ -130,12 +111,8 @@ def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
                         "labels (for benchmarks)")  # fmt: skip
     g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
     g.add_argument("--synthetic-size", type=int, default=2560, help="training images of synthetic and noise")
-    g.add_argument(
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="loader workers per rank: min(8, CPU cores)",
-    )
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="loader workers per rank: min(8, CPU cores)")  # fmt: skip
     g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
                    help="hold the data set on the device as uint8 and augment whole chunks there "
                         "(fixed-size sets; auto: on for cifar100 on CUDA)")  # fmt: skip
@@ -147,14 +124,11 @@ def add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--model", choices=list(PRESETS), default=None, help=f"preset [from --recipe; {models}]")
     g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
     g.add_argument("--pool", choices=["cls", "gap"], default=None, help="[from --pe]")
-    g.add_argument(
-        "--pe-input", type=boolean, default=None, help="add PE before layer 0, Eq. 1/8 [from --pe]"
-    )
+    g.add_argument("--pe-input", type=boolean, default=None, help="PE before layer 0, Eq. 1/8 [from --pe]")
     g.add_argument("--pe-layers", choices=["none", "all", "skip0"], default=None, help="Eq. 6/9 [from --pe]")
     g.add_argument("--pe-hierarchical", type=boolean, default=None, help="Eq. 7/10 vs Table 6 [from --pe]")
-    g.add_argument(
-        "--last-pe", type=layer_or_none, default=None, help="k of LN(pos_k), Eq. 11, or none [from --pe]"
-    )
+    g.add_argument("--last-pe", type=layer_or_none, default=None,
+                   help="k of LN(pos_k), Eq. 11, or none [from --pe]")  # fmt: skip
     for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
         g.add_argument(name, type=int, default=None, help="[the preset's]")
 
@@ -194,11 +168,8 @@ def add_recipe_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(  # no abbreviations: a resumed run must see which flags were given
-        description="Train or evaluate ViT/DeiT with the paper's PE modes.",
-        formatter_class=HelpFormatter,
-        allow_abbrev=False,
-    )
+    p = argparse.ArgumentParser(description="Train or evaluate ViT/DeiT with the paper's PE modes.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
     add_data_flags(p)
     add_model_flags(p)
     add_recipe_flags(p)
@@ -220,21 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_ranges(args: argparse.Namespace):
-    """Every numeric flag within its range (RANGES), or one line that says which and why."""
-    for key, interval in RANGES.items():
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        low, high = (float(b) for b in interval[1:-1].split(","))
-        ok = math.isfinite(value) and (low <= value if interval[0] == "[" else low < value)
-        ok = ok and (value <= high if interval[-1] == "]" else value < high)
-        if not ok:
-            fail(f"--{key.replace('_', '-')} must be in {interval}, got {value}")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
+    p = build_parser()  # no abbreviated flags: a resumed run must see which flags were given again
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.given = {
@@ -271,20 +229,18 @@ def find_checkpoint(args) -> Path | None:
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """The recipe's value for every recipe flag left unset, then every number checked."""
     if args.recipe is None:
-        deit_model = (args.model or "").startswith("deit")
-        synthetic, deit = (
-            args.data == "synthetic",
-            args.data == "imagenet" or (args.data == "noise" and deit_model),
-        )
-        args.recipe = "synthetic" if synthetic else "deit" if deit else "cifar"
+        deit = args.data == "imagenet" or (args.data == "noise" and (args.model or "").startswith("deit"))
+        args.recipe = "synthetic" if args.data == "synthetic" else "deit" if deit else "cifar"
     for key, value in RECIPES[args.recipe].items():
         if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
             setattr(args, key, value)
-    check_ranges(args)
+    if problem := out_of_range(args, RANGES):
+        fail(problem)
+    if args.device_data == "on" and args.data == "imagenet":
+        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need it off")
     return args
 
 
-# ----------------------------------------------------------------------------------------------
 # Data
 
 
@@ -356,12 +312,8 @@ def build_transforms(args: argparse.Namespace, img_size: int):
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std)]
     train += tail
     if args.reprob > 0:
-        train.append(
-            v2.RandomErasing(p=args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random")
-        )
-    resize = v2.Resize(
-        int(img_size / args.eval_crop), interpolation=mode(args.interpolation.replace("random", "bicubic"))
-    )
+        train.append(v2.RandomErasing(args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
+    resize = v2.Resize(int(img_size / args.eval_crop), mode(args.interpolation.replace("random", "bicubic")))
     val = [v2.ToImage(), v2.ToPureTensor(), resize, v2.CenterCrop(img_size), *tail]
     return v2.Compose(train), v2.Compose(val)
 
@@ -376,10 +328,8 @@ def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
             train = torchvision.datasets.CIFAR100(root, train=True, download=True)
             val = torchvision.datasets.CIFAR100(root, train=False, download=True)
         except Exception as e:  # offline, a half-downloaded archive, no permission, ...
-            fail(
-                f"could not load CIFAR-100 under --data-path {root} ({type(e).__name__}: {e}); put "
-                f"cifar-100-python/ there (or allow the download), or use --data synthetic"
-            )
+            fail(f"could not load CIFAR-100 under --data-path {root} ({type(e).__name__}: {e}); put "
+                 f"cifar-100-python/ there (or allow the download), or use --data synthetic")  # fmt: skip
         return train, val, 100
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -399,25 +349,13 @@ def chance(dataset) -> float:
     return 100 * max(torch.bincount(torch.tensor(dataset.targets)).tolist()) / len(dataset)
 
 
-def use_device_data(args, device) -> bool:
-    if args.device_data == "off" or (
-        args.device_data == "auto" and (device.type != "cuda" or args.data != "cifar100")
-    ):
-        return False
-    if args.data == "imagenet":
-        fail(
-            "--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need --device-data off"
-        )
-    return True
-
-
 def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
     """Training and validation loaders of `batch` images per rank: DataLoader workers by default; with
     --device-data, the whole set as uint8 on the device and the augmentations batched there."""
     rank, world = args.rank, args.world
     train_tf, val_tf = build_transforms(args, img_size)
     sampler = EpochSampler(train_set, world, rank, args.seed, repeats=args.repeated_aug)
-    if use_device_data(args, device):
+    if args.device_data == "on" or (args.device_data, device.type, args.data) == ("auto", "cuda", "cifar100"):
         augment = BatchAugment(args, img_size)
         train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
         shard = list(range(rank, len(val_set), world))
@@ -436,7 +374,6 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
     return train, val, sampler
 
 
-# ----------------------------------------------------------------------------------------------
 # Model, optimiser and schedule
 
 
@@ -444,33 +381,25 @@ def model_config(args, saved: dict | None = None, strict: bool = True) -> Config
     """The model this run asks for. From a checkpoint's config, what the flags leave unset comes from it;
     what they set must equal it on resume (strict) and replaces it on --finetune. (num_classes is the
     preset's until the data set is known.)"""
-    try:
-        return requested_config(args, saved, strict)
-    except ValueError as e:  # Config's own checks: say it in one line, as for any flag
-        fail(str(e))
-
-
-def requested_config(args, saved: dict | None, strict: bool) -> Config:
     explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     if explicit.get("last_pe") == "none":
         explicit["last_pe"] = None
-    regularisation = dict(drop_path=args.drop_path, attn_drop=args.attn_drop)
     if saved is None:
-        preset = args.model or RECIPES[args.recipe]["model"]
-        return Config(**{**PRESETS[preset], "pe": "mpvg", **explicit, **regularisation})
-    wanted = {**(PRESETS[args.model] if args.model else {}), **explicit}
-    wanted.pop("num_classes", None)  # checked against the data set instead
-    if "pe" in wanted and wanted["pe"] != saved["pe"]:  # a new mode re-derives the knobs left unset
-        wanted = {**PE_MODES[wanted["pe"]], **wanted}
-    diffs = [f"{k}={saved[k]!r} there but {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
-    if not strict:
-        return Config(**{**saved, **wanted, **regularisation})
-    if diffs:
-        fail(
-            f"the checkpoint was trained with another model: {'; '.join(diffs)}. Resume with the "
-            f"checkpoint's settings, or start a new run in another --output-dir"
-        )
-    return Config(**{**saved, **regularisation})
+        fields = {**PRESETS[args.model or RECIPES[args.recipe]["model"]], "pe": "mpvg", **explicit}
+    else:
+        wanted = {**(PRESETS[args.model] if args.model else {}), **explicit}
+        wanted.pop("num_classes", None)  # checked against the data set instead
+        if "pe" in wanted and wanted["pe"] != saved["pe"]:  # a new mode re-derives the knobs left unset
+            wanted = {**PE_MODES[wanted["pe"]], **wanted}
+        diffs = [f"{k}={saved[k]!r} there but {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
+        if strict and diffs:
+            fail(f"the checkpoint was trained with another model: {'; '.join(diffs)}. Resume with the "
+                 f"checkpoint's settings, or start a new run in another --output-dir")  # fmt: skip
+        fields = {**saved, **wanted}
+    try:
+        return Config(**{**fields, "drop_path": args.drop_path, "attn_drop": args.attn_drop})
+    except ValueError as e:  # Config's own checks: say it in one line, as for any flag
+        fail(str(e))
 
 
 def build_optimizer(model, args, lr: float, device: torch.device):
@@ -517,7 +446,6 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-# ----------------------------------------------------------------------------------------------
 # Checkpoints and the run's folder: one live run per folder, atomic writes, never a bad one saved
 
 
@@ -544,7 +472,6 @@ def set_rng_state(state: dict, device: torch.device):
     random.setstate(state["python"])
 
 
-# ----------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun's environment, or one process
 
 
@@ -568,7 +495,6 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# ----------------------------------------------------------------------------------------------
 # Training and evaluation
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import VisionTransformer, analyse, load_model
+from tools.flags import HelpFormatter
 from train import build_datasets, build_transforms, load_checkpoint, model_config
 
 
@@ -203,7 +204,7 @@ def analyze(args, device):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter, allow_abbrev=False
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
     )
     p.add_argument("analyze", nargs="?", default="new", metavar="CKPT",
                    help="a checkpoint of train.py; without one, a new model from --model and --pe")  # fmt: skip

@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import PE_MODES, Config, VisionTransformer
+from tools.device_data import DeviceLoader
+from tools.flags import HelpFormatter, boolean
 from train import (
     RECIPES,
     build_datasets,
@@ -29,7 +31,6 @@ from train import (
     make_loaders,
     model_config,
     train_step,
-    use_device_data,
 )
 
 
@@ -172,7 +173,7 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     augments a chunk of the epoch at a time)."""
     train_set, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
-    on_device = use_device_data(args, device)
+    on_device = isinstance(loader, DeviceLoader)
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -192,7 +193,7 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=train.HelpFormatter, allow_abbrev=False
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
     )
     train.add_data_flags(p, default="noise")
     train.add_model_flags(p)
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--peak-tflops", type=float, default=989.4, help="the device's dense bf16 peak, for MFU (H100 SXM)"
     )
     g.add_argument(
-        "--timm", type=train.boolean, default=True, help="time timm's ViT beside ours, where timm imports"
+        "--timm", type=boolean, default=True, help="time timm's ViT beside ours, where timm imports"
     )
     g.add_argument("--profile", metavar="ROW", default=None,
                    help="print torch.profiler's top kernels of one row, e.g. 'mpvg.py mpvg (gap)'")  # fmt: skip

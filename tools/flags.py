@@ -1,0 +1,39 @@
+"""Command-line plumbing shared by train.py and the scripts in tools/: flag types, help that says where a
+default comes from, and range checks. train.py imports this; it imports nothing of the project's back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes", "false", "0", "no"):
+        return text.lower() in ("true", "1", "yes")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def layer_or_none(text: str) -> int | str:
+    return "none" if text.lower() == "none" else int(text)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one; flags whose default comes from elsewhere say so."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def out_of_range(args: argparse.Namespace, ranges: dict[str, str]) -> str | None:
+    """The first flag whose value lies outside its interval in `ranges` ("[0, 1)": [ and ] include the
+    bound, ( and ) exclude it), said in one line; None when every value is within."""
+    for key, interval in ranges.items():
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        low, high = (float(b) for b in interval[1:-1].split(","))
+        ok = math.isfinite(value) and (low <= value if interval[0] == "[" else low < value)
+        if not (ok and (value <= high if interval[-1] == "]" else value < high)):
+            return f"--{key.replace('_', '-')} must be in {interval}, got {value}"
+    return None
