@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
 from tools.builtin_data import builtin_datasets
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
-from tools.flags import HelpFormatter, boolean, layer_or_none, out_of_range
+from tools.flags import HelpFormatter, boolean, given_flags, layer_or_none, out_of_range
 from tools.mixing import Mixing
 from tools.pretrained import load_pretrained, weights_of
 from tools.randaugment import RandAugment
@@ -76,12 +76,7 @@ MODEL_FLAGS = [  # flag dest -> Config field; None on the command line means "fr
     "pe", "pool", "pe_input", "pe_layers", "pe_hierarchical", "last_pe",
     "img_size", "patch_size", "dim", "depth", "heads",
 ]  # fmt: skip
-COMPILE_MODES = [
-    "default",
-    "reduce-overhead",
-    "max-autotune",
-    "max-autotune-no-cudagraphs",
-]  # torch.compile's
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch's
 RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( and ) exclude it
     "epochs": "[1, inf)", "cooldown_epochs": "[0, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)",
     "accum_steps": "[1, inf)", "lr": "(0, inf)", "lr_batch_scale": "[0, inf)", "min_lr": "[0, inf)",
@@ -194,13 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()  # no abbreviated flags: a resumed run must see which flags were given again
     args = p.parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
-    args.given = {
-        a.dest for a in p._actions for o in a.option_strings for x in argv if x == o or x.startswith(o + "=")
-    }
+    args.given = given_flags(p, sys.argv[1:] if argv is None else argv)
     if args.resume and args.finetune:
         fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
-    args.resume_path, args.resume_state = find_checkpoint(args), None
+    newest = Path(args.output_dir) / "checkpoint.pt"  # --resume auto's; none yet in a new folder
+    args.resume_state = None
+    args.resume_path = (newest if newest.is_file() else None) if args.resume == "auto" else args.resume
+    args.resume_path = args.resume_path and Path(args.resume_path)
     if args.eval_only and not args.resume_path:
         where = f"none in {args.output_dir} yet" if args.resume == "auto" else "none was given"
         fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
@@ -216,14 +211,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 INHERITED = {"data", "data_path", "synthetic_size", "recipe", "seed", "accum_steps",
              *(k for k in RECIPES["deit"] if k != "model")}  # fmt: skip
-
-
-def find_checkpoint(args) -> Path | None:
-    """--resume PATH, or with auto the newest checkpoint in --output-dir (None: none yet)."""
-    if args.resume == "auto":
-        newest = Path(args.output_dir) / "checkpoint.pt"
-        return newest if newest.is_file() else None
-    return Path(args.resume) if args.resume else None
 
 
 def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
@@ -331,14 +318,11 @@ def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
             fail(f"could not load CIFAR-100 under --data-path {root} ({type(e).__name__}: {e}); put "
                  f"cifar-100-python/ there (or allow the download), or use --data synthetic")  # fmt: skip
         return train, val, 100
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            fail(f"--data imagenet expects {root / split}/ with one folder per class; check --data-path")
     try:
-        train = torchvision.datasets.ImageFolder(root / "train")
-        val = torchvision.datasets.ImageFolder(root / "val")
-    except (FileNotFoundError, OSError) as e:
-        fail(f"could not read the image folders under {root}: {e}")
+        train, val = (torchvision.datasets.ImageFolder(root / split) for split in ("train", "val"))
+    except OSError as e:  # no such folder, no class folders, no images in one, no permission
+        fail(f"--data imagenet expects {root}/train/ and {root}/val/, one folder of images per class ({e}); "
+             f"check --data-path")  # fmt: skip
     if train.classes != val.classes:
         fail(f"{root}/train and {root}/val hold different class folders; they must match")
     return train, val, len(train.classes)
@@ -578,20 +562,14 @@ def check_finite(loss: float, epoch: int, step: int | None, args):
         )
 
 
-def interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a cluster's preemption, torchrun passing on Ctrl-C) as Ctrl-C
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.rank, args.world, local_rank = distributed_env()
     if args.batch_size % (args.world * args.accum_steps):
-        fail(
-            f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
-            f"accumulation step(s): the global batch is split evenly over them"
-        )
+        fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
+             f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
     device = pick_device(local_rank)
-    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a preemption or torchrun's relay, as Ctrl-C
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
     try:
         if args.world > 1:
@@ -660,11 +638,8 @@ def run(args, device):
         fail(f"the training set gives {len(sampler)} images per process, fewer than one step of "
              f"{args.batch_size // args.world}: lower --batch-size (or --accum-steps), or add data")  # fmt: skip
 
-    ddp = (
-        DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-        if args.world > 1
-        else compiled
-    )
+    cuda = [device.index] if device.type == "cuda" else None
+    ddp = DDP(compiled, device_ids=cuda) if args.world > 1 else compiled
     optimizer = build_optimizer(model, args, lr_at(0, args), device)
     mixing = Mixing(args.mixup, args.cutmix, num_classes) if args.mixup > 0 or args.cutmix > 0 else None
     start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
@@ -672,9 +647,8 @@ def run(args, device):
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, best, run_id = ckpt["epoch"] + 1, ckpt["best"], ckpt["run_id"]
         if len(ckpt["rng"]) != args.world:
-            fail(
-                f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with that many, not {args.world}"
-            )
+            fail(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with that many, "
+                 f"not {args.world}")  # fmt: skip
         set_rng_state(ckpt["rng"][args.rank], device)
     if start_epoch >= args.epochs:
         fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
@@ -682,9 +656,7 @@ def run(args, device):
     folder, chance_top1 = RunFolder(out), chance(val_set)
     args.folder = folder
     if master:
-        if not folder.claim(run_id, start_epoch - 1) and ckpt:
-            run_id = uuid.uuid4().hex  # a fork in a folder of its own: a run of its own from here on
-        folder.metrics(start_epoch)  # a resume drops lines of epochs that its checkpoint does not hold
+        run_id = folder.claim(run_id, start_epoch - 1)  # a resume drops the metrics no checkpoint holds
         params = sum(p.numel() for p in model.parameters())
         if args.epochs <= args.warmup_epochs + args.cooldown_epochs:
             print(f"note: --epochs {args.epochs} leaves no cosine phase after {args.warmup_epochs} warmup and "
@@ -709,11 +681,10 @@ def run(args, device):
         is_best = metrics["val_top1"] > best["val_top1"]
         if is_best:
             best = dict(val_top1=metrics["val_top1"], epoch=epoch + 1)
-        states = [None] * args.world
+        states = [rng_state(device)]  # every rank's, so that a resume continues each exactly
         if dist.is_initialized():
+            states = [None] * args.world
             dist.all_gather_object(states, rng_state(device))
-        else:
-            states = [rng_state(device)]
         if master:
             state = dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pickle
+import uuid
 from pathlib import Path
 
 import torch
@@ -74,9 +75,10 @@ class RunFolder:
     def __init__(self, path: Path):
         self.path, self.lock = path, None
 
-    def claim(self, run_id: str, epoch: int) -> bool:
-        """Take the folder for the run `run_id` resuming after `epoch` (-1: a new run), or fail. Returns
-        whether the folder held a run (if not, a resumed run starts a fork of its own there)."""
+    def claim(self, run_id: str, epoch: int) -> str:
+        """Take the folder for the run `run_id` resuming after `epoch` (-1: a new run), or fail; drop the
+        metrics of epochs after `epoch`. Returns the id the run goes on under: its own, or a new one for
+        a run resumed into a folder that held none (a fork, a run of its own from here on)."""
         if self.path.exists() and not self.path.is_dir():
             raise FolderError(f"--output-dir {self.path} is a file; choose a folder")
         try:
@@ -114,7 +116,8 @@ class RunFolder:
         elif (self.path / "checkpoint.pt").exists():  # a run written before run.json existed
             owner = dict(run_id=None, epoch=-1)  # its id and epoch unknown
         if owner is None:
-            return False
+            self.metrics(epoch + 1)
+            return uuid.uuid4().hex if epoch >= 0 else run_id
         held = f"{self.path} holds another run" + (
             f" (epoch {owner['epoch'] + 1})" if owner["epoch"] >= 0 else ""
         )
@@ -132,7 +135,8 @@ class RunFolder:
                 f"would overwrite that history; resume from {self.path / 'checkpoint.pt'}, or write this run to "
                 f"another --output-dir"
             )
-        return True
+        self.metrics(epoch + 1)
+        return run_id
 
     def save(self, epoch: int, metrics: dict, state: dict, is_best: bool):
         """An epoch's files, in an order that leaves them consistent wherever a crash falls: its metrics line
