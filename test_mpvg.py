@@ -33,7 +33,6 @@ settings.load_profile("mpvg")
 MODES = ["default", "lape", "pvg", "mpvg"]
 
 
-# ----------------------------------------------------------------------------------------------
 # Drawn configurations
 
 
@@ -103,7 +102,6 @@ def images(model, batch=2, seed=1):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-# ----------------------------------------------------------------------------------------------
 # A literal, functional reading of Eqs. (1)-(11), computed from the model's own parameters
 
 
@@ -207,7 +205,6 @@ def test_sdpa_equals_plain_softmax_attention(batch, tokens, heads, head_dim, qkv
     torch.testing.assert_close(attn(x), attn.proj(rearrange(plain, "b h n d -> b n (h d)")))
 
 
-# ----------------------------------------------------------------------------------------------
 # Shapes, batch independence, determinism, gradients
 
 
@@ -361,7 +358,6 @@ def test_config_round_trips_through_asdict():
     assert Config(**asdict(cfg)) == cfg and cfg.last_pe == 3 and cfg.pool == "gap" and cfg.init == "cct"
 
 
-# ----------------------------------------------------------------------------------------------
 # Reductions that must hold exactly
 
 
@@ -468,7 +464,6 @@ def test_gap_is_blind_to_patch_order_exactly_when_no_pe_reaches_the_tokens(kw, d
         torch.testing.assert_close(model(img), moved, rtol=1e-10, atol=1e-10)
 
 
-# ----------------------------------------------------------------------------------------------
 # Parameter counts, Tables 1 and 2
 
 EXACT = {  # timm 1.0 for default, by hand for the rest (the README's table)
@@ -519,7 +514,6 @@ def test_parameter_counts_match_tables_1_and_2_as_printed(preset, mode):
     assert truncated_millions(count(create_model(preset, pe=mode))) == PAPER[preset][mode]
 
 
-# ----------------------------------------------------------------------------------------------
 # timm's DeiT names, so official checkpoints load with strict=True
 
 DEIT_TINY_BLOCK = [  # timm's deit_tiny_patch16_224, block i
@@ -579,7 +573,6 @@ def test_timm_deit_checkpoint_gives_the_same_logits(pool):
         torch.testing.assert_close(ours(img), theirs(img), rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------
 # Bad input gets a clear error
 
 
@@ -622,7 +615,6 @@ def test_wrong_input_shape_is_a_clear_error(shape):
         model(torch.zeros(shape))
 
 
-# ----------------------------------------------------------------------------------------------
 # train.py: a run end to end, DDP equals one process, resume equals no stop, real on-disk formats
 
 TINY = [  # a model and data small enough for a CPU test, with every augmentation of the cifar recipe on
@@ -946,7 +938,6 @@ def test_errors_are_printed_by_rank_0_only(monkeypatch):
         train.fail("the same message on every rank")
 
 
-# ----------------------------------------------------------------------------------------------
 # Never losing a run: one live run per folder, a resume writes where its run lives, atomic files
 
 
@@ -1119,7 +1110,6 @@ def test_a_signal_ends_the_run_with_a_way_back(tmp_path, sig):
     assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == saved + 1
 
 
-# ----------------------------------------------------------------------------------------------
 # The compiled path, and plain tensors from every loader
 
 
@@ -1187,7 +1177,6 @@ def test_evaluate_pads_a_short_batch_without_counting_the_padding():
     assert plain == pytest.approx(padded)
 
 
-# ----------------------------------------------------------------------------------------------
 # Fine-tuning, gradient accumulation, the built-in task
 
 
@@ -1297,7 +1286,6 @@ def test_the_first_command_learns_the_built_in_task(tmp_path, capsys):
     assert chance < 10 and best["val_top1"] > 2.5 * chance, out
 
 
-# ----------------------------------------------------------------------------------------------
 # The recipes' augmentations: timm's RandAugment from torchvision's functionals, per image and batched
 
 
@@ -1580,7 +1568,6 @@ def test_repeated_augmentation_gives_each_copy_its_own_augmentation():
     assert sampler.repeats == 3  # on one process too, as DeiT's main.py
 
 
-# ----------------------------------------------------------------------------------------------
 # tools/: the benchmark, the paper's analysis, the workshop
 
 
@@ -1753,7 +1740,6 @@ def test_where_is_the_plus_commonest_cell_holds_8_percent():
     )
 
 
-# ----------------------------------------------------------------------------------------------
 # The README: its code runs and its commands parse
 
 

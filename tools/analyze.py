@@ -199,9 +199,6 @@ def analyze(args, device):
     return report
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False

@@ -188,9 +188,6 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     return rate
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False

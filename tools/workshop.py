@@ -98,9 +98,6 @@ def workshop(args, device, epochs: int = 10, train_size: int = 4096, val_size: i
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--seed", type=int, default=0, help="data and model initialisation")
