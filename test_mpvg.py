@@ -1850,7 +1850,8 @@ def test_mixing_pairs_each_image_with_its_mirror_as_timm():
 
 
 def test_flags_are_never_abbreviated(capsys):
-    """A resumed run takes what was not given again from the checkpoint: an abbreviation would hide a flag."""
+    """Scripts name flags in full: a prefix that picks one flag today picks none, or another, once flags
+    are added."""
     with pytest.raises(SystemExit):
         train.parse_args(["--epoch", "5"])
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
 from tools.builtin_data import builtin_datasets
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
-from tools.flags import HelpFormatter, boolean, given_flags, layer_or_none, out_of_range
+from tools.flags import HelpFormatter, boolean, layer_or_none, out_of_range
 from tools.mixing import Mixing
 from tools.pretrained import load_pretrained, weights_of
 from tools.randaugment import RandAugment
@@ -187,25 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()  # no abbreviated flags: a resumed run must see which flags were given again
+    p = build_parser()
     args = p.parse_args(argv)
-    args.given = given_flags(p, sys.argv[1:] if argv is None else argv)
     if args.resume and args.finetune:
         fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
     newest = Path(args.output_dir) / "checkpoint.pt"  # --resume auto's; none yet in a new folder
-    args.resume_state = None
-    args.resume_path = (newest if newest.is_file() else None) if args.resume == "auto" else args.resume
-    args.resume_path = args.resume_path and Path(args.resume_path)
-    if args.eval_only and not args.resume_path:
+    path = (
+        (newest if newest.is_file() else None) if args.resume == "auto" else args.resume and Path(args.resume)
+    )
+    if args.eval_only and not path:
         where = f"none in {args.output_dir} yet" if args.resume == "auto" else "none was given"
         fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
-    if args.resume_path:  # a resumed run is the same run: what is not given again comes from it
-        args.resume_state = load_checkpoint(args.resume_path)
-        for key, value in args.resume_state["args"].items():
-            if key in INHERITED and key not in args.given:
-                setattr(args, key, value)
-        if args.resume != "auto" and "output_dir" not in args.given:
-            args.output_dir = str(args.resume_path.parent)  # the run's own folder, not runs/default
+    state = load_checkpoint(path) if path else None
+    if state:  # a resumed run is the same run: what the command line does not give again comes from it
+        p.set_defaults(**{k: v for k, v in state["args"].items() if k in INHERITED})
+        if args.resume != "auto":
+            p.set_defaults(output_dir=str(path.parent))  # the run's own folder, not runs/default
+        args = p.parse_args(argv)
+    args.resume_path, args.resume_state = path, state
     return resolve_recipe(args)
 
 

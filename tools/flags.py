@@ -25,12 +25,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
-def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The dests of the flags that argv gives (as --flag value or --flag=value), defaults aside."""
-    options = [(a.dest, o) for a in parser._actions for o in a.option_strings]
-    return {dest for dest, o in options for x in argv if x == o or x.startswith(o + "=")}
-
-
 def out_of_range(args: argparse.Namespace, ranges: dict[str, str]) -> str | None:
     """The first flag whose value lies outside its interval in `ranges` ("[0, 1)": [ and ] include the
     bound, ( and ) exclude it), said in one line; None when every value is within."""
