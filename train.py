@@ -119,7 +119,8 @@ def add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("--model", choices=list(PRESETS), default=None, help=f"preset [from --recipe; {models}]")
     g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
     g.add_argument("--pool", choices=["cls", "gap"], default=None, help="[from --pe]")
-    g.add_argument("--pe-input", type=boolean, default=None, help="PE before layer 0, Eq. 1/8 [from --pe]")
+    g.add_argument("--pe-input", type=boolean, default=None,
+                   help="add PE before layer 0, Eq. 1/8 [from --pe]")  # fmt: skip
     g.add_argument("--pe-layers", choices=["none", "all", "skip0"], default=None, help="Eq. 6/9 [from --pe]")
     g.add_argument("--pe-hierarchical", type=boolean, default=None, help="Eq. 7/10 vs Table 6 [from --pe]")
     g.add_argument("--last-pe", type=layer_or_none, default=None,
@@ -222,8 +223,6 @@ def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if problem := out_of_range(args, RANGES):
         fail(problem)
-    if args.device_data == "on" and args.data == "imagenet":
-        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need it off")
     return args
 
 
@@ -338,6 +337,9 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
     rank, world = args.rank, args.world
     train_tf, val_tf = build_transforms(args, img_size)
     sampler = EpochSampler(train_set, world, rank, args.seed, repeats=args.repeated_aug)
+    if args.device_data == "on" and args.data == "imagenet":
+        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need "
+             "--device-data off")  # fmt: skip
     if args.device_data == "on" or (args.device_data, device.type, args.data) == ("auto", "cuda", "cifar100"):
         augment = BatchAugment(args, img_size)
         train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
@@ -429,7 +431,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-# Checkpoints and the run's folder: one live run per folder, atomic writes, never a bad one saved
+# Checkpoints: what one holds and how it is read; tools/run_folder.py writes them
 
 
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
@@ -680,10 +682,10 @@ def run(args, device):
         is_best = metrics["val_top1"] > best["val_top1"]
         if is_best:
             best = dict(val_top1=metrics["val_top1"], epoch=epoch + 1)
-        states = [rng_state(device)]  # every rank's, so that a resume continues each exactly
+        mine = rng_state(device)
+        states = [mine] * args.world  # then every rank's, so that a resume continues each exactly
         if dist.is_initialized():
-            states = [None] * args.world
-            dist.all_gather_object(states, rng_state(device))
+            dist.all_gather_object(states, mine)
         if master:
             state = dict(
                 model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,

@@ -18,7 +18,7 @@ import torch
 
 
 class FolderError(Exception):
-    """What went wrong with --output-dir, in one line that says what to do."""
+    """What went wrong with --output-dir or a checkpoint file, in one line that says what to do."""
 
 
 def fsync(path: Path):
