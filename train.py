@@ -563,6 +563,15 @@ def check_finite(loss: float, epoch: int, step: int | None, args):
         )
 
 
+def interrupted(signum, frame):
+    """SIGTERM (a cluster's preemption, torchrun relaying Ctrl-C) as Ctrl-C. A preemption stops the loader
+    workers as well: their end is part of the interrupt, not a loader failure to report (torch's SIGCHLD
+    handler would raise one over it)."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.rank, args.world, local_rank = distributed_env()
@@ -570,7 +579,7 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
              f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
     device = pick_device(local_rank)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a preemption or torchrun's relay, as Ctrl-C
+    signal.signal(signal.SIGTERM, interrupted)
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
     try:
         if args.world > 1:
