@@ -1104,9 +1104,13 @@ def test_a_signal_ends_the_run_with_a_way_back(tmp_path, sig, to):
     while not (tmp_path / "run/run.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # into the next epoch, its workers running
-    os.killpg(process.pid, sig) if to == "group" else process.send_signal(sig)
+    os.killpg(process.pid, sig) if to == "group" else process.send_signal(
+        sig
+    )  # a scheduler signals the group
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "RuntimeError" not in err, err[-2000:]  # no loader failure reported
+    assert process.returncode == 130, err[-2000:]
+    # nothing reported over the interrupt (a worker that dies mid-transfer may print a BrokenPipeError: rare)
+    assert "Traceback" not in err or "BrokenPipeError" in err, err[-2000:]
     saved = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"]
     line = err.strip().splitlines()[-1]
     assert re.fullmatch(rf"train.py: interrupted in epoch \d+; .*run/checkpoint.pt holds epoch {saved + 1}\. "

@@ -567,8 +567,8 @@ def interrupted(signum, frame):
     """SIGTERM (a cluster's preemption, torchrun relaying Ctrl-C) as Ctrl-C. A preemption stops the loader
     workers as well: their end is part of the interrupt, not a loader failure to report (torch's SIGCHLD
     handler would raise one over it)."""
-    if hasattr(signal, "SIGCHLD"):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if hasattr(signal, "SIGCHLD"):  # a handler that does nothing, not SIG_DFL: Python warns of a pending one
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     raise KeyboardInterrupt
 
 
