@@ -1868,7 +1868,7 @@ def test_flags_are_never_abbreviated(capsys):
 
 def test_a_fork_is_a_run_of_its_own(tmp_path):
     """Resuming into an empty folder forks the run: a new id, so the fork can never be resumed over the
-    original later, however many epochs ahead it is."""
+    original later, however many epochs ahead it is; and a best of its own, whose best.pt is in its folder."""
     run_train(tmp_path, "--epochs", "1", name="orig")
     train.main(
         [
@@ -1882,6 +1882,8 @@ def test_a_fork_is_a_run_of_its_own(tmp_path):
     )
     ids = [json.loads((tmp_path / f"{name}/run.json").read_text())["run_id"] for name in ("orig", "fork")]
     assert ids[0] != ids[1]
+    best = torch.load(tmp_path / "fork/checkpoint.pt", weights_only=True)["best"]  # among the fork's epochs
+    assert torch.load(tmp_path / "fork/best.pt", weights_only=True)["epoch"] + 1 == best["epoch"] >= 2
     orig = snapshot(tmp_path / "orig")
     with pytest.raises(SystemExit, match="orig holds another run .*, not the checkpoint's"):
         train.main(

@@ -666,7 +666,9 @@ def run(args, device):
     folder, chance_top1 = RunFolder(out), chance(val_set)
     args.folder = folder
     if master:
-        run_id = folder.claim(run_id, start_epoch - 1)  # a resume drops the metrics no checkpoint holds
+        claimed = folder.claim(run_id, start_epoch - 1)  # a resume drops the metrics no checkpoint holds
+        if claimed != run_id:  # a fork, in a folder of its own: its best is among the epochs it trains
+            run_id, best = claimed, dict(val_top1=-1.0, epoch=-1)
         params = sum(p.numel() for p in model.parameters())
         if args.epochs <= args.warmup_epochs + args.cooldown_epochs:
             print(f"note: --epochs {args.epochs} leaves no cosine phase after {args.warmup_epochs} warmup and "
