@@ -875,7 +875,7 @@ def bad_flag_values():
         flag = "--" + key.replace("_", "-")
         below = low if interval[0] == "(" else low - 1
         integer = key in {"epochs", "cooldown_epochs", "warmup_epochs", "batch_size", "accum_steps",
-                          "lr_batch_scale", "randaug_magnitude", "repeated_aug", "synthetic_size", "workers",
+                          "lr_batch_scale", "randaug_magnitude", "repeated_aug", "synthetic_size", "workers", "seed",
                           "log_every"}  # fmt: skip
         cases.append((flag, str(int(below)) if integer else str(below)))
         if not integer:
@@ -885,6 +885,7 @@ def bad_flag_values():
         ("--reprob", "2"),
         ("--smoothing", "1"),
         ("--eval-crop", "1.5"),
+        ("--seed", "4294967296"),
     ]
 
 
@@ -926,6 +927,33 @@ def test_checkpoint_files_that_are_not_ours_are_named(tmp_path):
         SystemExit, match="module.pt is not a checkpoint of this project: it holds pickled Python"
     ):
         run_train(tmp_path, "--resume", str(tmp_path / "module.pt"))
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")  # not a pickle at all
+    with pytest.raises(SystemExit, match="photo.jpg is not a checkpoint: torch.load cannot read it"):
+        run_train(tmp_path, "--finetune", str(tmp_path / "photo.jpg"), "--output-dir", str(tmp_path / "ft"))
+    torch.save({"model": {"w": torch.zeros(1)}, "model_config": torch.zeros(1)}, tmp_path / "odd_config.pt")
+    with pytest.raises(SystemExit, match="odd_config.pt holds a 'model_config' that is not a dict"):
+        run_train(
+            tmp_path, "--finetune", str(tmp_path / "odd_config.pt"), "--output-dir", str(tmp_path / "ft")
+        )
+
+
+def test_a_seed_or_image_size_the_data_cannot_take_is_one_line(tmp_path):
+    with pytest.raises(
+        SystemExit, match="--data synthetic places a 3-pixel plus sign in a 4 x 4 grid: it needs"
+    ):
+        run_train(tmp_path, "--data", "synthetic", "--img-size", "2", "--patch-size", "2")
+    run_train(tmp_path, "--epochs", "1", "--seed", "4294967295")  # the largest seed: every derived seed fits
+    images, labels = device_data.as_tensors(
+        builtin_data.PlusSigns(8, 8, seed=4294967295), torch.device("cpu")
+    )
+    augment = device_data.BatchAugment(train.resolve_recipe(train.build_parser().parse_args([])), 8)
+    list(
+        device_data.DeviceLoader(
+            images, labels, train.EpochSampler(images, 1, 0, 4294967295), 4, augment, 4294967295
+        )
+    )
 
 
 def test_errors_are_printed_by_rank_0_only(monkeypatch):

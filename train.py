@@ -84,6 +84,7 @@ RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( 
     "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_magnitude": "[0, 10]",
     "reprob": "[0, 1]", "repeated_aug": "[1, inf)", "crop_scale": "(0, 1]", "hflip": "[0, 1]",
     "eval_crop": "(0, 1]", "synthetic_size": "[1, inf)", "workers": "[0, inf)", "log_every": "[1, inf)",
+    "seed": "[0, 4294967296)",  # 2 ** 32: the seeds derived from it stay within torch's 64 bits
 }  # fmt: skip
 
 
@@ -307,7 +308,10 @@ def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
     """(train, val, num_classes), each set without transforms."""
     root = Path(args.data_path)
     if args.data in ("synthetic", "noise"):
-        return builtin_datasets(args.data, args.synthetic_size, img_size, noise_classes, args.seed)
+        try:
+            return builtin_datasets(args.data, args.synthetic_size, img_size, noise_classes, args.seed)
+        except ValueError as e:
+            fail(str(e))
     if args.data == "cifar100":
         try:
             train = torchvision.datasets.CIFAR100(root, train=True, download=True)

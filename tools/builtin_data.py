@@ -13,6 +13,9 @@ class PlusSigns(Dataset):
     pixels each) anywhere; the label is the cell of a 4 x 4 grid that holds the plus sign's centre."""
 
     def __init__(self, size: int, img_size: int, seed: int, cells: int = 4):
+        if img_size < cells:
+            raise ValueError(f"--data synthetic places a 3-pixel plus sign in a {cells} x {cells} grid: it needs "
+                             f"--img-size {cells} or more, got {img_size}")  # fmt: skip
         g = torch.Generator().manual_seed(seed)
         self.corners = torch.randint(0, img_size - 2, (size, 2, 2), generator=g)  # (image, plus/square, y/x)
         centre = self.corners[:, 0] + 1

@@ -158,7 +158,7 @@ class DeviceLoader:
         epoch = keys[0][1] if keys and isinstance(keys[0], tuple) else 0
         index = torch.tensor([k[0] if isinstance(k, tuple) else k for k in keys], dtype=torch.long)
         index = index[: len(self) * self.batch_size]  # without drop_last: the slice keeps every key
-        seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)
+        seed = ((self.seed * 1_000_003 + epoch) * 1_000_003 + getattr(self.sampler, "rank", 0)) % 2**63
         device = self.images.device
         g = torch.Generator().manual_seed(seed)  # the augmentations' parameters, drawn on the CPU
         g_device = torch.Generator(device).manual_seed(seed) if device.type == "cuda" else None  # noise

@@ -29,7 +29,10 @@ def weights_of(checkpoint: dict) -> tuple[dict, dict | None]:
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError("holds no weights that this project can read (a dict of tensors, alone or under "
                          "'model' or 'state_dict')")  # fmt: skip
-    return weights, checkpoint.get("model_config")
+    config = checkpoint.get("model_config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("holds a 'model_config' that is not a dict of Config fields (train.py writes one)")
+    return weights, config
 
 
 def load_pretrained(model, state: dict) -> list[str]:

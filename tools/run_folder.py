@@ -55,9 +55,12 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects, which "
-                          f"loading with weights_only=True refuses ({str(e).splitlines()[-1][:120]}); pass a file "
-                          f"of tensors") from None  # fmt: skip
+        objects = [line.split("GLOBAL ")[1].split()[0] for line in str(e).splitlines() if "GLOBAL " in line]
+        if not objects:  # not a pickle at all: an image, a text file, ...
+            raise FolderError(f"{path} is not a checkpoint: torch.load cannot read it; pass a .pt file of weights "
+                              f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
+        raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects ({objects[0]}), "
+                          f"which loading with weights_only=True refuses; pass a file of tensors") from None  # fmt: skip
     except Exception as e:
         raise FolderError(f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use "
                           f"another one") from None  # fmt: skip
