@@ -964,6 +964,33 @@ def test_errors_are_printed_by_rank_0_only(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="^train.py: error: the same message on every rank$"):
         train.fail("the same message on every rank")
+    monkeypatch.setenv("RANK", "1")  # an error only this rank sees (an image of its shard) is its to print
+    with pytest.raises(SystemExit, match="^train.py: error: cannot read img.jpg$"):
+        train.fail("cannot read img.jpg", every_rank=True)
+
+
+def test_an_interrupted_run_is_continued_with_as_many_processes(tmp_path, monkeypatch):
+    """The resume command in the interrupt's line starts as many processes as the run had: a checkpoint of
+    N processes refuses any other count."""
+    assert train.launcher(1) == "python"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert train.launcher(2) == "torchrun --standalone --nproc_per_node=2"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train.launcher(8).startswith("torchrun --nnodes=2 ") and train.launcher(8).endswith(
+        "--nproc_per_node=4"
+    )
+    line = run_folder.RunFolder(tmp_path).interrupted(3, train.launcher(8))
+    assert line.endswith(f"Continue with: {train.launcher(8)} train.py --resume auto --output-dir {tmp_path}")
+
+
+def test_torchrun_a_refusal_by_rank_0_stops_every_rank_quietly(tmp_path):
+    """Rank 0 alone writes the run's folder; when it cannot, the other ranks stop with it instead of going
+    on to a collective that rank 0 never joins (which ended in a gloo traceback)."""
+    run_train(tmp_path, "--epochs", "1")  # the folder holds a run
+    result = torchrun(*TINY, "--epochs", "2", "--output-dir", str(tmp_path / "run"), timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: error: ") == 1 and "holds another run" in result.stderr
+    assert "[rank1]" not in result.stderr and "Connection closed" not in result.stderr, result.stderr[-2000:]
 
 
 # Never losing a run: one live run per folder, a resume writes where its run lives, atomic files

@@ -88,9 +88,11 @@ RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( 
 }  # fmt: skip
 
 
-def fail(message: str):
-    """A user error: one clear line (from rank 0 only), no traceback, a non-zero exit."""
-    raise SystemExit(f"train.py: error: {message}" if int(os.environ.get("RANK", 0)) == 0 else 1)
+def fail(message: str, every_rank: bool = False):
+    """A user error: one clear line (from rank 0 only, unless the error is one rank's), no traceback."""
+    raise SystemExit(
+        f"train.py: error: {message}" if every_rank or int(os.environ.get("RANK", 0)) == 0 else 1
+    )
 
 
 class DataError(Exception):
@@ -484,6 +486,29 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def on_rank_0(args, device, work, *inputs):
+    """work(*inputs) on rank 0 alone (writing the run's folder), every rank waiting for it. If it fails, all
+    ranks stop: rank 0 with its error, the others quietly, rather than go on to meet a rank 0 that is gone."""
+    result, error = None, None
+    if args.rank == 0:
+        try:
+            result = work(*inputs)
+        except Exception as e:
+            error = e
+    if all_reduce(torch.tensor(float(error is not None), device=device)).item():
+        raise error or SystemExit(1)
+    return result
+
+
+def launcher(world: int) -> str:
+    """The command that starts train.py with `world` processes again, as a resume must."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world == 1:
+        return "python"
+    nodes = "--standalone" if per_node == world else f"--nnodes={world // per_node} (your rendezvous flags)"
+    return f"torchrun {nodes} --nproc_per_node={per_node}"
+
+
 # Training and evaluation
 
 
@@ -590,13 +615,15 @@ def main(argv=None):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     device_id=device if device.type == "cuda" else None)  # fmt: skip
         return run(args, device)
-    except DataError as e:  # raised in a loader worker: its last line is ours
-        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1])
+    except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
+        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
     except FolderError as e:
         fail(str(e))
     except KeyboardInterrupt:
         if args.rank == 0 and args.progress["epoch"] is not None:
-            message = RunFolder(Path(args.output_dir)).interrupted(args.progress["epoch"])
+            message = RunFolder(Path(args.output_dir)).interrupted(
+                args.progress["epoch"], launcher(args.world)
+            )
             print(f"\ntrain.py: {message}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
@@ -669,8 +696,8 @@ def run(args, device):
              f"give a larger --epochs to train on")  # fmt: skip
     folder, chance_top1 = RunFolder(out), chance(val_set)
     args.folder = folder
+    claimed = on_rank_0(args, device, folder.claim, run_id, start_epoch - 1)  # drops later epochs' metrics
     if master:
-        claimed = folder.claim(run_id, start_epoch - 1)  # a resume drops the metrics no checkpoint holds
         if claimed != run_id:  # a fork, in a folder of its own: its best is among the epochs it trains
             run_id, best = claimed, dict(val_top1=-1.0, epoch=-1)
         params = sum(p.numel() for p in model.parameters())
@@ -701,13 +728,13 @@ def run(args, device):
         states = [mine] * args.world  # then every rank's, so that a resume continues each exactly
         if dist.is_initialized():
             dist.all_gather_object(states, mine)
+        state = dict(  # on every rank (references, no copies); rank 0 writes it
+            model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,
+            model_config=asdict(cfg), rng=states, lr=lr,
+            args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
+        )  # fmt: skip
+        on_rank_0(args, device, folder.save, epoch, metrics, state, is_best)
         if master:
-            state = dict(
-                model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,
-                model_config=asdict(cfg), rng=states, lr=lr,
-                args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
-            )  # fmt: skip
-            folder.save(epoch, metrics, state, is_best)
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
                   f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
                   f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip

@@ -151,12 +151,13 @@ class RunFolder:
         save_checkpoint(self.path / "checkpoint.pt", state)
         self.record(state["run_id"], epoch)
 
-    def interrupted(self, epoch: int) -> str:
-        """What to tell a user whose run stopped in `epoch`: what is saved and how to continue."""
+    def interrupted(self, epoch: int, launcher: str = "python") -> str:
+        """What to tell a user whose run stopped in `epoch`: what is saved and how to continue (`launcher`:
+        the command that starts train.py with as many processes as this run had)."""
         newest = self.path / "checkpoint.pt"
         saved = torch.load(newest, weights_only=True, mmap=True)["epoch"] if newest.exists() else None
         held = f"{newest} holds epoch {saved + 1}" if saved is not None else "no checkpoint was saved yet"
-        return (f"interrupted in epoch {epoch + 1}; {held}. Continue with: python train.py --resume auto "
+        return (f"interrupted in epoch {epoch + 1}; {held}. Continue with: {launcher} train.py --resume auto "
                 f"--output-dir {self.path}")  # fmt: skip
 
     def record(self, run_id: str, epoch: int):
