@@ -972,15 +972,17 @@ def test_errors_are_printed_by_rank_0_only(monkeypatch):
 def test_an_interrupted_run_is_continued_with_as_many_processes(tmp_path, monkeypatch):
     """The resume command in the interrupt's line starts as many processes as the run had: a checkpoint of
     N processes refuses any other count."""
-    assert train.launcher(1) == "python"
+    assert run_folder.launcher(1) == "python"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert train.launcher(2) == "torchrun --standalone --nproc_per_node=2"
+    assert run_folder.launcher(2) == "torchrun --standalone --nproc_per_node=2"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train.launcher(8).startswith("torchrun --nnodes=2 ") and train.launcher(8).endswith(
+    assert run_folder.launcher(8).startswith("torchrun --nnodes=2 ") and run_folder.launcher(8).endswith(
         "--nproc_per_node=4"
     )
-    line = run_folder.RunFolder(tmp_path).interrupted(3, train.launcher(8))
-    assert line.endswith(f"Continue with: {train.launcher(8)} train.py --resume auto --output-dir {tmp_path}")
+    line = run_folder.RunFolder(tmp_path).interrupted(3, 8)
+    assert line.endswith(
+        f"Continue with: {run_folder.launcher(8)} train.py --resume auto --output-dir {tmp_path}"
+    )
 
 
 def test_torchrun_a_refusal_by_rank_0_stops_every_rank_quietly(tmp_path):

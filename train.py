@@ -500,15 +500,6 @@ def on_rank_0(args, device, work, *inputs):
     return result
 
 
-def launcher(world: int) -> str:
-    """The command that starts train.py with `world` processes again, as a resume must."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if world == 1:
-        return "python"
-    nodes = "--standalone" if per_node == world else f"--nnodes={world // per_node} (your rendezvous flags)"
-    return f"torchrun {nodes} --nproc_per_node={per_node}"
-
-
 # Training and evaluation
 
 
@@ -621,9 +612,7 @@ def main(argv=None):
         fail(str(e))
     except KeyboardInterrupt:
         if args.rank == 0 and args.progress["epoch"] is not None:
-            message = RunFolder(Path(args.output_dir)).interrupted(
-                args.progress["epoch"], launcher(args.world)
-            )
+            message = RunFolder(Path(args.output_dir)).interrupted(args.progress["epoch"], args.world)
             print(f"\ntrain.py: {message}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:

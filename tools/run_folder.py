@@ -70,6 +70,15 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
     return state
 
 
+def launcher(world: int) -> str:
+    """The command that starts train.py with `world` processes again, as a resume must."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world == 1:
+        return "python"
+    nodes = "--standalone" if per_node == world else f"--nnodes={world // per_node} (your rendezvous flags)"
+    return f"torchrun {nodes} --nproc_per_node={per_node}"
+
+
 class RunFolder:
     """--output-dir: owned by one run (its id in run.json, with the newest epoch saved) and written by one
     live process (an OS lock, released however the process ends). A new run needs a folder that holds
@@ -151,13 +160,13 @@ class RunFolder:
         save_checkpoint(self.path / "checkpoint.pt", state)
         self.record(state["run_id"], epoch)
 
-    def interrupted(self, epoch: int, launcher: str = "python") -> str:
-        """What to tell a user whose run stopped in `epoch`: what is saved and how to continue (`launcher`:
-        the command that starts train.py with as many processes as this run had)."""
+    def interrupted(self, epoch: int, world: int = 1) -> str:
+        """What to tell a user whose run of `world` processes stopped in `epoch`: what is saved and how to
+        continue."""
         newest = self.path / "checkpoint.pt"
         saved = torch.load(newest, weights_only=True, mmap=True)["epoch"] if newest.exists() else None
         held = f"{newest} holds epoch {saved + 1}" if saved is not None else "no checkpoint was saved yet"
-        return (f"interrupted in epoch {epoch + 1}; {held}. Continue with: {launcher} train.py --resume auto "
+        return (f"interrupted in epoch {epoch + 1}; {held}. Continue with: {launcher(world)} train.py --resume auto "
                 f"--output-dir {self.path}")  # fmt: skip
 
     def record(self, run_id: str, epoch: int):
