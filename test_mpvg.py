@@ -969,6 +969,13 @@ def test_errors_are_printed_by_rank_0_only(monkeypatch):
         train.fail("cannot read img.jpg", every_rank=True)
 
 
+def test_main_leaves_the_callers_sigterm_handler_as_it_was(tmp_path):
+    """In a notebook, SIGTERM must end the kernel again once a run is over, not raise KeyboardInterrupt."""
+    before = signal.getsignal(signal.SIGTERM)
+    run_train(tmp_path, "--epochs", "1")
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_an_interrupted_run_is_continued_with_as_many_processes(tmp_path, monkeypatch):
     """The resume command in the interrupt's line starts as many processes as the run had: a checkpoint of
     N processes refuses any other count."""

@@ -599,7 +599,7 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
              f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
     device = pick_device(local_rank)
-    signal.signal(signal.SIGTERM, interrupted)
+    sigterm = signal.signal(signal.SIGTERM, interrupted)  # until main returns (it may run in a notebook)
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
     try:
         if args.world > 1:
@@ -620,6 +620,7 @@ def main(argv=None):
             args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
         if dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
 
 
 def run(args, device):
