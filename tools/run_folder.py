@@ -127,9 +127,13 @@ class RunFolder:
                 ) from None
         elif (self.path / "checkpoint.pt").exists():  # a run written before run.json existed
             owner = dict(run_id=None, epoch=-1)  # its id and epoch unknown
-        if owner is None:
-            self.metrics(epoch + 1)
-            return uuid.uuid4().hex if epoch >= 0 else run_id
+        if owner is not None:
+            self.refuse(owner, run_id, epoch)
+        self.metrics(epoch + 1)
+        return uuid.uuid4().hex if owner is None and epoch >= 0 else run_id
+
+    def refuse(self, owner: dict, run_id: str, epoch: int):
+        """Fail unless the folder's run (`owner`) is the one resuming after `epoch`, at no newer epoch."""
         held = f"{self.path} holds another run" + (
             f" (epoch {owner['epoch'] + 1})" if owner["epoch"] >= 0 else ""
         )
@@ -147,8 +151,6 @@ class RunFolder:
                 f"would overwrite that history; resume from {self.path / 'checkpoint.pt'}, or write this run to "
                 f"another --output-dir"
             )
-        self.metrics(epoch + 1)
-        return run_id
 
     def save(self, epoch: int, metrics: dict, state: dict, is_best: bool):
         """An epoch's files, in an order that leaves them consistent wherever a crash falls: its metrics line
