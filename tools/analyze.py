@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import VisionTransformer, analyse, load_model
-from tools.flags import HelpFormatter
+from tools.flags import HelpFormatter, out_of_range
 from train import build_datasets, build_transforms, load_checkpoint, model_config
 
 
@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
-    if args.analyze_images < 1:
-        train.fail(f"--analyze-images must be at least 1, got {args.analyze_images}")
+    if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
+        train.fail(problem)
     return args
 
 

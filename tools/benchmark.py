@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 import train
 from mpvg import PE_MODES, Config, VisionTransformer
 from tools.device_data import DeviceLoader
-from tools.flags import HelpFormatter, boolean
+from tools.flags import HelpFormatter, boolean, out_of_range
 from train import (
     RECIPES,
     build_datasets,
@@ -217,14 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RANGES = dict.fromkeys(("bench_steps", "bench_rounds", "bench_warmup"), "[1, inf)")  # as train.RANGES
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
     rows = [f"mpvg.py {name}" for name in configurations(args, model_config(args))]
     if args.profile and args.profile not in rows:
         train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
-    for flag in ("bench_steps", "bench_rounds", "bench_warmup"):
-        if getattr(args, flag) < 1:
-            train.fail(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if problem := out_of_range(args, RANGES):
+        train.fail(problem)
     args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
 
