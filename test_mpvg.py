@@ -660,9 +660,11 @@ def test_train_run_writes_metrics_and_checkpoints_and_reloads(tmp_path):
     assert resumed["val_top1"] == pytest.approx(best["val_top1"])
 
 
-def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    """Bit for bit on a CPU: model, optimizer, schedule, RNG and data order all continue exactly."""
-    run_train(tmp_path, "--epochs", "3", name="straight")
+@pytest.mark.parametrize("loader", [[], ["--device-data", "on"]])
+def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch, loader):
+    """Bit for bit on a CPU: model, optimizer, schedule, RNG and data order all continue exactly, with
+    DataLoader workers and with the device loader (whose random streams differ: --device-data is kept)."""
+    run_train(tmp_path, "--epochs", "3", *loader, name="straight")
     save = run_folder.save_checkpoint
 
     def crash_after_epoch_2(path, state):
@@ -672,7 +674,7 @@ def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkey
 
     monkeypatch.setattr(run_folder, "save_checkpoint", crash_after_epoch_2)
     with pytest.raises(SystemExit) as stopped:
-        run_train(tmp_path, "--epochs", "3", name="stopped")
+        run_train(tmp_path, "--epochs", "3", *loader, name="stopped")
     assert stopped.value.code == 130
     monkeypatch.setattr(run_folder, "save_checkpoint", save)
     # resumed as a user would: only --resume; data, recipe and model come from the checkpoint, and

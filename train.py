@@ -212,7 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return resolve_recipe(args)
 
 
-INHERITED = {"data", "data_path", "synthetic_size", "recipe", "seed", "accum_steps",
+INHERITED = {"data", "data_path", "synthetic_size", "device_data", "recipe", "seed", "accum_steps",
              *(k for k in RECIPES["deit"] if k != "model")}  # fmt: skip
 
 
