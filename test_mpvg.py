@@ -23,7 +23,17 @@ from hypothesis import strategies as st
 
 import train
 from mpvg import PE_MODES, PRESETS, Config, analyse, create_model, load_model, pearson
-from tools import analyze, benchmark, builtin_data, device_data, mixing, randaugment, run_folder, workshop
+from tools import (
+    analyze,
+    benchmark,
+    builtin_data,
+    device_data,
+    mixing,
+    randaugment,
+    run_folder,
+    speed,
+    workshop,
+)
 from tools.pretrained import load_pretrained, resize_pos_embed
 
 settings.register_profile(
@@ -1984,6 +1994,34 @@ def test_a_fork_is_a_run_of_its_own(tmp_path):
             ]
         )
     assert snapshot(tmp_path / "orig") == orig
+
+
+def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(tmp_path, monkeypatch):
+    """speed.py is run a few stages at a time (a lease each): speed.md holds every stage's figures so far,
+    each row saying when, on what and with which torch it ran; a stage run again replaces its figures."""
+
+    def stage(name, rate=None):  # a stand-in for a benchmark run: writes its JSON, or fails
+        rows = {"mpvg.py mpvg (gap)": dict(images_per_sec=rate, ms_per_step=2.0, first_step_s=0.5)}
+        code = f"open({str(tmp_path / name)!r} + '.json', 'w').write({json.dumps(dict(rows=rows))!r})"
+        return [(name, [sys.executable, "-c", code if rate else "raise SystemExit(3)"], 60)]
+
+    plan = {"a": stage("a", 111.0), "b": stage("b", 222.0), "c": stage("c")}
+    monkeypatch.setattr(speed, "stages", lambda quick, out, cores: plan)
+    monkeypatch.setattr(
+        speed, "machine", lambda: dict(date="2026-01-01 10:00", device="GPU one", torch="2.11")
+    )
+    speed.main(["--out", str(tmp_path), "--stages", "a,b"])
+    monkeypatch.setattr(
+        speed, "machine", lambda: dict(date="2026-01-02 11:00", device="GPU two", torch="2.14")
+    )
+    plan["b"] = stage("b", 333.0)
+    speed.main(["--out", str(tmp_path), "--stages", "b,c"])
+    md = (tmp_path / "speed.md").read_text()
+    assert re.search(r"^\| a \| 2026-01-01 10:00 \| GPU one \| 2.11 \| \d+ \| ok \|$", md, re.M)
+    assert re.search(r"^\| b \| 2026-01-02 11:00 \| GPU two \| 2.14 \| \d+ \| ok \|$", md, re.M)
+    assert re.search(r"^\| c \| 2026-01-02 11:00 \| GPU two \| 2.14 \| \d+ \| failed \(exit 3", md, re.M)
+    figures = re.findall(r"^## (\w+)\n\n.*\n.*\n\| mpvg.py mpvg \(gap\) \| ([\d.]+) \|", md, re.M)
+    assert figures == [("a", "111.0"), ("b", "333.0")]  # b's first figures replaced; c wrote none
 
 
 def test_the_tools_refuse_bad_input_in_one_line(tmp_path):

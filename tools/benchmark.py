@@ -238,8 +238,9 @@ def main(argv=None):
     else:
         rows = benchmark(args, device)
     if args.json:  # for tools/speed.py, which gathers the Speed section's figures
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         Path(args.json).write_text(
-            json.dumps(dict(rows=rows, device=str(device), torch=torch.__version__, argv=argv))
+            json.dumps(dict(rows=rows, device=name, torch=torch.__version__, argv=argv))
         )
     return rows
 

@@ -6,7 +6,8 @@
 
 Each stage runs train.py or tools/benchmark.py in a process of its own, under its own time limit, and
 keeps its log (and JSON) in --out; a stage that fails or runs out of time is reported and the next one
-runs. speed.md in --out gathers the figures with the date, device and torch version.
+runs. speed.md in --out gathers the figures of every stage run into it so far, each with the date, device
+and torch version it ran with.
 
 Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s
 on an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
@@ -107,15 +108,21 @@ def make_jpegs(folder: Path, n: int, size=(400, 350), classes: int = 10):
             Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(d / f"{i}.jpg", quality=90)
 
 
-def summary(out: Path, results: list) -> str:
-    """speed.md: what each stage measured, read from its JSON or metrics, with the machine's facts."""
+def machine() -> dict:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    lines = [f"# Speed, {time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}", "",
-             "| stage | seconds | status |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {name} | {seconds:.0f} | {status} |" for name, seconds, status in results]
-    for path in sorted(out.glob("*.json")):
+    return dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device, torch=torch.__version__)
+
+
+def summary(out: Path) -> str:
+    """speed.md: every stage run into --out so far (one call or several, perhaps on other machines), each
+    with when, where and how it ran, then the figures read from its JSON or metrics."""
+    ran = json.loads((out / "stages.json").read_text())
+    lines = ["# Speed", "", "| stage | ran | device | torch | seconds | status |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {r['date']} | {r['device']} | {r['torch']} | {r['seconds']:.0f} | {r['status']} |"
+              for name, r in ran.items()]  # fmt: skip
+    for path in (out / f"{name}.json" for name in ran if (out / f"{name}.json").exists()):
         rows = json.loads(path.read_text())["rows"]
         lines += [
             "",
@@ -165,7 +172,7 @@ def main(argv=None):
         )
     if "loader" in args.stages.split(",") and not (out / "jpegs").exists():
         make_jpegs(out / "jpegs", 200 if args.quick else 4000)
-    results = []
+    results, ran = [], json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
     for stage in args.stages.split(","):
         for name, command, limit in plan[stage]:
             for stale in (out / name, out / f"{name}.json", out / f"{name}.log"):  # no figure of an older run
@@ -182,7 +189,9 @@ def main(argv=None):
                     status = f"stopped at its {limit} s limit (see {log.name})"
             results.append((name, time.perf_counter() - start, status))
             print(f"speed.py: {name}: {status}, {results[-1][1]:.0f} s", flush=True)
-    (out / "speed.md").write_text(summary(out, results))
+            ran[name] = dict(**machine(), seconds=results[-1][1], status=status)
+            (out / "stages.json").write_text(json.dumps(ran, indent=1))
+    (out / "speed.md").write_text(summary(out))
     print((out / "speed.md").read_text())
     return results
 
