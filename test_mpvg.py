@@ -1698,6 +1698,20 @@ def test_benchmark_compares_each_mode_with_default_pooled_alike(capsys, monkeypa
         assert table["mpvg.py mpvg (gap)"][-2] == "0.100"  # vs timm pooled alike
 
 
+@pytest.mark.parametrize(
+    "flags, rows",
+    [
+        (["--pool", "cls"], ["default (cls)", "lape (cls)", "pvg (cls)"]),  # MPVG has no cls form
+        (["--pool", "gap"], ["default (gap)", "lape (gap)", "pvg (gap)", "mpvg (gap)"]),
+        (["--pe", "lape"], ["lape (cls)"]),
+        (["--pe", "pvg", "--pool", "cls"], ["pvg (cls)"]),
+    ],
+)
+def test_benchmark_pe_and_pool_narrow_the_rows(flags, rows):
+    args = benchmark.parse_args([*TINY[:-2], *flags])
+    assert list(benchmark.configurations(args, benchmark.base_config(args))) == rows
+
+
 def test_flops_count_matches_a_hand_count():
     """DeiT-S forward: 4.6 GFLOPs as usually quoted (fvcore counts a multiply-add as one: 4.6 GMACs)."""
     cfg = create_model("deit_small").cfg
@@ -2029,6 +2043,10 @@ def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
         benchmark.parse_args([*TINY[:-2], "--profile", "mpvg.py nothing"])
     with pytest.raises(SystemExit, match=r"--analyze-images must be in \[1, inf\), got 0$"):
         analyze.parse_args(["--analyze-images", "0"])
+    with pytest.raises(
+        SystemExit, match="--pe, --dim build a new model, but .*odd.pt is analysed as it was trained"
+    ):
+        analyze.parse_args([str(tmp_path / "odd.pt"), "--pe", "lape", "--dim", "16"])  # not silently ignored
     with pytest.raises(SystemExit, match=r"--bench-rounds must be in \[1, inf\), got -2$"):
         benchmark.parse_args([*TINY[:-2], "--bench-rounds", "-2"])
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "odd.pt")

@@ -116,11 +116,15 @@ def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
                         "(fixed-size sets; auto: on for cifar100 on CUDA)")  # fmt: skip
 
 
-def add_model_flags(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model (unset: the preset's value, or the checkpoint's on --resume)")
+def add_model_flags(
+    p: argparse.ArgumentParser,
+    unset: str = "the preset's value, or the checkpoint's on --resume",
+    pe: str = "mpvg",
+):
+    g = p.add_argument_group(f"model (unset: {unset})")
     models = ", ".join(f"{r}: {RECIPES[r]['model']}" for r in RECIPES)
     g.add_argument("--model", choices=list(PRESETS), default=None, help=f"preset [from --recipe; {models}]")
-    g.add_argument("--pe", choices=list(PE_MODES), default=None, help="PE mode [mpvg]")
+    g.add_argument("--pe", choices=list(PE_MODES), default=None, help=f"PE mode [{pe}]")
     g.add_argument("--pool", choices=["cls", "gap"], default=None, help="[from --pe]")
     g.add_argument("--pe-input", type=boolean, default=None,
                    help="add PE before layer 0, Eq. 1/8 [from --pe]")  # fmt: skip

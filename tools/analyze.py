@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("analyze", nargs="?", default="new", metavar="CKPT",
                    help="a checkpoint of train.py; without one, a new model from --model and --pe")  # fmt: skip
     train.add_data_flags(p, default="synthetic")
-    train.add_model_flags(p)
+    train.add_model_flags(p, unset="the preset's value; they build a new model, so not with CKPT")
     train.add_recipe_flags(p)
     g = p.add_argument_group("analysis")
     g.add_argument(
@@ -221,6 +221,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
     if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
         train.fail(problem)
+    given = [
+        f"--{k.replace('_', '-')}" for k in ["model", *train.MODEL_FLAGS] if getattr(args, k) is not None
+    ]
+    if given and args.analyze != "new":
+        train.fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
+                   f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
     return args
 
 

@@ -58,6 +58,11 @@ def timm_twin(cfg: Config):
     )  # fmt: skip
 
 
+def base_config(args) -> Config:
+    """The preset with the model flags given; without --pe, default's knobs (each row sets its own mode)."""
+    return model_config(argparse.Namespace(**{**vars(args), "pe": args.pe or "default"}))
+
+
 def configurations(args, base: Config) -> dict:
     """The rows: each PE mode with its own pooling, and default with the other pooling too, so that each
     mode is compared with default pooled alike (--pe or --pool narrow the rows)."""
@@ -75,7 +80,7 @@ def configurations(args, base: Config) -> dict:
 
 def benchmark(args, device):
     cuda = device.type == "cuda"  # and so bf16 autocast
-    base = model_config(args)
+    base = base_config(args)
     configs = configurations(args, base)
     builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
     for pool in (
@@ -193,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
     )
     train.add_data_flags(p, default="noise")
-    train.add_model_flags(p)
+    train.add_model_flags(p, unset="the preset's value", pe="every mode: a row each, default both ways")
     train.add_recipe_flags(p)
     g = p.add_argument_group("benchmark")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
@@ -222,7 +227,7 @@ RANGES = dict.fromkeys(("bench_steps", "bench_rounds", "bench_warmup"), "[1, inf
 
 def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
-    rows = [f"mpvg.py {name}" for name in configurations(args, model_config(args))]
+    rows = [f"mpvg.py {name}" for name in configurations(args, base_config(args))]
     if args.profile and args.profile not in rows:
         train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
     if problem := out_of_range(args, RANGES):
@@ -234,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None):
     args, device = parse_args(argv), train.pick_device()
     if args.loader_only:
-        rows = {"data loader": dict(images_per_sec=time_data_loader(args, model_config(args), device))}
+        rows = {"data loader": dict(images_per_sec=time_data_loader(args, base_config(args), device))}
     else:
         rows = benchmark(args, device)
     if args.json:  # for tools/speed.py, which gathers the Speed section's figures
