@@ -162,7 +162,8 @@ def add_recipe_flags(p: argparse.ArgumentParser):
     recipe_flag("--cutmix", float, "CutMix alpha (0: off); with both on, one of the two per batch")
     recipe_flag("--randaug-magnitude", int, "timm's RandAugment rand-mM-mstd0.5-inc1, M of 10 (0: off)")
     recipe_flag("--reprob", float, "random erasing probability, per-pixel noise")
-    recipe_flag("--repeated-aug", int, "copies of each image per epoch, in the same step (1: off)")
+    recipe_flag("--repeated-aug", int, "copies of each image drawn, side by side (so almost always in one "
+                "step); an epoch stays len(dataset) samples (1: off)")  # fmt: skip
     recipe_flag("--crop-scale", float, "smallest area of RandomResizedCrop")
     recipe_flag("--hflip", float, "horizontal flip probability")
     recipe_flag("--eval-crop", float, "center crop over resize at evaluation")
@@ -267,10 +268,11 @@ class Augmented(Dataset):
 class EpochSampler(Sampler):
     """Each epoch's shuffled order (seed + epoch), dealt to the ranks in turn, as (index, epoch, copy).
     With repeats > 1 it is DeiT's repeated augmentation (its RASampler, on any number of processes): each
-    image appears `repeats` times, its copies side by side in the order and so in the same global step,
-    each with its own augmentation. An epoch has len(dataset) samples in all, the last partial round
-    dropped (DeiT also rounds it down to a multiple of 256; we do not). With repeats = 1 this is torch's
-    DistributedSampler with shuffle and drop_last, to the index."""
+    image drawn appears `repeats` times, each copy with its own augmentation, side by side in the order and
+    so in the same global step unless a step boundary falls between them. An epoch keeps len(dataset)
+    samples, so it draws len(dataset) / repeats images, the last partial round dropped (DeiT also rounds it
+    down to a multiple of 256; we do not). With repeats = 1 this is torch's DistributedSampler with shuffle
+    and drop_last, to the index."""
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
         self.n, self.world, self.rank, self.repeats, self.seed, self.epoch = (
