@@ -1977,6 +1977,16 @@ def test_flags_are_never_abbreviated(capsys):
     assert "unrecognized arguments: --epoch" in capsys.readouterr().err
 
 
+def test_help_names_every_flag_that_a_resume_does_not_take_from_the_checkpoint():
+    parser = train.build_parser()
+    named = set(re.findall(r"--[\w-]+", parser.description.split("except", 1)[1]))
+    taken = train.INHERITED | {"model", *train.MODEL_FLAGS}  # the model flags: through model_config
+    aside = {"help", "resume", "finetune", "eval_only", "output_dir"}  # the resume itself, and its folder
+    for action in parser._actions:
+        if action.dest not in aside:
+            assert (action.dest in taken) != (action.option_strings[0] in named), action.dest
+
+
 def test_a_fork_is_a_run_of_its_own(tmp_path):
     """Resuming into an empty folder forks the run: a new id, so the fork can never be resumed over the
     original later, however many epochs ahead it is; and a best of its own, whose best.pt is in its folder."""

@@ -172,8 +172,9 @@ def add_recipe_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train or evaluate ViT/DeiT with the paper's PE modes.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)  # fmt: skip
+    about = ("Train or evaluate ViT/DeiT with the paper's PE modes. On --resume, a flag not given takes the "
+             "checkpoint's value, not the default shown, except --workers, --compile and --log-every.")  # fmt: skip
+    p = argparse.ArgumentParser(description=about, formatter_class=HelpFormatter, allow_abbrev=False)
     add_data_flags(p)
     add_model_flags(p)
     add_recipe_flags(p)

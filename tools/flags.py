@@ -22,7 +22,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default where it has one; flags whose default comes from elsewhere say so."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        unset = action.default is None or action.default is False  # not `in (None, False)`: 0 == False
+        return action.help if unset else super()._get_help_string(action)
 
 
 def out_of_range(args: argparse.Namespace, ranges: dict[str, str]) -> str | None:
