@@ -5,8 +5,8 @@
         --model deit_small --pe mpvg                                 # the paper's Table 1 recipe
     python train.py --eval-only --resume runs/mpvg/best.pt          # top-1 / top-5 of a checkpoint
 
-Every recipe value (paper Table 7, with the anchors' details) is a flag; `--help` lists them. The
-benchmark, the analysis figures, the workshop and the device augmentation live in tools/.
+Every recipe value (paper Table 7, with the anchors' details) but mean and std is a flag; `--help` lists
+them. The benchmark, the analysis figures, the workshop and the device augmentation live in tools/.
 """
 
 from __future__ import annotations

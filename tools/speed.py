@@ -13,7 +13,7 @@ Stages, in the default order (the most wanted figures first; every compile of a 
 on an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
 compiled, every mode and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
 50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
-with every PE mode under torchrun with one process, and resumes; DDP with compile needs two GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of
+with default, LaPE, PVG and MPVG under torchrun with one process, and resumes; DDP with compile needs two GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of
 ImageNet's typical size), deit_b (DeiT-B/16 MFU), scaling (DeiT-S batch 64-1024 and 384 px).
 """
 
