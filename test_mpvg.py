@@ -2049,6 +2049,9 @@ def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(
 
 
 def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
+    script = [sys.executable, "tools/benchmark.py", "--bench-rounds", "0"]
+    result = subprocess.run(script, cwd=Path(__file__).parent, capture_output=True, text=True)
+    assert result.stderr == "benchmark.py: error: --bench-rounds must be in [1, inf), got 0\n"  # its own name
     with pytest.raises(SystemExit, match="--profile names no row: choose one of 'mpvg.py default \\(cls\\)'"):
         benchmark.parse_args([*TINY[:-2], "--profile", "mpvg.py nothing"])
     with pytest.raises(SystemExit, match=r"--analyze-images must be in \[1, inf\), got 0$"):

@@ -88,11 +88,12 @@ RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( 
 }  # fmt: skip
 
 
+PROG = "train.py"  # what errors begin with; a script of tools/ that calls these functions names itself
+
+
 def fail(message: str, every_rank: bool = False):
     """A user error: one clear line (from rank 0 only, unless the error is one rank's), no traceback."""
-    raise SystemExit(
-        f"train.py: error: {message}" if every_rank or int(os.environ.get("RANK", 0)) == 0 else 1
-    )
+    raise SystemExit(f"{PROG}: error: {message}" if every_rank or int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 class DataError(Exception):

@@ -235,4 +235,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    train.PROG = "analyze.py"  # as argparse names it
     main()

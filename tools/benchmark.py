@@ -251,4 +251,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    train.PROG = "benchmark.py"  # as argparse names it
     main()
