@@ -86,7 +86,8 @@ class Config:
 
         for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+            check(ok, f"{name} must be a positive integer, got {value!r}")
         check(
             self.img_size % self.patch_size == 0,
             f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
@@ -94,11 +95,11 @@ class Config:
         )
         check(self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}")
         check(
-            isinstance(self.mlp_ratio, (int, float)) and int(self.dim * self.mlp_ratio) >= 1,
+            isinstance(self.mlp_ratio, (int, float)) and 1 <= self.dim * self.mlp_ratio < float("inf"),
             f"mlp_ratio must give the MLP at least one hidden unit (dim * mlp_ratio >= 1), got {self.mlp_ratio!r}",
         )
         check(
-            isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0,
+            isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < float("inf"),
             f"norm_eps must be a positive number (LayerNorm divides by sqrt(var + eps)), got {self.norm_eps!r}",
         )
         check(self.init in ("deit", "cct"), f"unknown init {self.init!r}: choose 'deit' or 'cct'")
@@ -129,7 +130,10 @@ class Config:
                 "is incompatible with the class token",
             )
         for name in ("drop_path", "attn_drop"):
-            check(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            check(
+                isinstance(value, (int, float)) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}"
+            )
 
     @property
     def num_patches(self) -> int:  # N
@@ -218,6 +222,10 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: Config):
+        if not isinstance(cfg, Config):
+            raise TypeError(
+                f"VisionTransformer takes a Config, got {type(cfg).__name__}: or use create_model"
+            )
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
@@ -276,6 +284,11 @@ class VisionTransformer(nn.Module):
         return received
 
     def check_input(self, img: torch.Tensor):
+        if not isinstance(img, torch.Tensor) or not img.is_floating_point():
+            raise TypeError(
+                f"expected a float tensor of normalised images, got {getattr(img, 'dtype', type(img).__name__)}: "
+                f"convert uint8 pixels with img.float() / 255 and normalise them as in training"
+            )
         cfg, shape = self.cfg, tuple(img.shape)
         if img.ndim != 4 or shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
             raise ValueError(
@@ -341,6 +354,13 @@ def load_model(checkpoint, map_location="cpu") -> VisionTransformer:
         if isinstance(checkpoint, dict)
         else torch.load(checkpoint, map_location, weights_only=True)
     )
+    if not (isinstance(state, dict) and isinstance(state.get("model_config"), dict) and "model" in state):
+        raise ValueError("load_model takes a checkpoint of train.py (a path, or its dict with 'model' and "
+                         "'model_config'); for other weights build the model and call load_state_dict")  # fmt: skip
+    unknown = sorted(set(state["model_config"]) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ValueError(f"the checkpoint's model_config has fields this mpvg.py lacks ({', '.join(unknown)}): "
+                         f"use the mpvg.py that wrote it")  # fmt: skip
     model = VisionTransformer(Config(**state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval()

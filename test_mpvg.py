@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import train
-from mpvg import PE_MODES, PRESETS, Config, analyse, create_model, load_model, pearson
+from mpvg import PE_MODES, PRESETS, Config, VisionTransformer, analyse, create_model, load_model, pearson
 from tools import (
     analyze,
     benchmark,
@@ -607,6 +607,11 @@ def test_timm_deit_checkpoint_gives_the_same_logits(pool):
         (dict(norm_eps=0.0), "norm_eps must be a positive number"),
         (dict(mlp_ratio=0.0), "mlp_ratio must give the MLP at least one hidden unit"),
         (dict(init="xavier"), "unknown init 'xavier'"),
+        (dict(dim=True), "dim must be a positive integer, got True"),  # a bool is no size
+        (dict(mlp_ratio=float("nan")), "mlp_ratio must give the MLP at least one hidden unit"),
+        (dict(mlp_ratio=float("inf")), "mlp_ratio must give the MLP at least one hidden unit"),
+        (dict(norm_eps=float("inf")), "norm_eps must be a positive number"),  # else every output is zero
+        (dict(drop_path="0.1"), r"drop_path must be in \[0, 1\), got '0.1'"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(kwargs, message):
@@ -624,6 +629,27 @@ def test_wrong_input_shape_is_a_clear_error(shape):
     model = create_model("deit_tiny", depth=1)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got"):
         model(torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "img, got",
+    [(torch.zeros(2, 3, 224, 224, dtype=torch.uint8), "torch.uint8"), ([[0.0]], "list"), (None, "NoneType")],
+)
+def test_images_that_are_not_float_tensors_are_a_clear_error(img, got):
+    with pytest.raises(TypeError, match=f"expected a float tensor of normalised images, got {got}: convert"):
+        create_model("deit_tiny", depth=1)(img)
+
+
+def test_loading_what_is_not_a_model_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="VisionTransformer takes a Config, got dict: or use create_model"):
+        VisionTransformer(dict(dim=32))
+    model = create_model("deit_tiny", depth=1, img_size=32)
+    for wrong in ({}, model.state_dict(), dict(model=1, model_config=None)):
+        with pytest.raises(ValueError, match="load_model takes a checkpoint of train.py"):
+            load_model(wrong)
+    newer = dict(model=model.state_dict(), model_config={**asdict(model.cfg), "rope": True})
+    with pytest.raises(ValueError, match=r"model_config has fields this mpvg.py lacks \(rope\)"):
+        load_model(newer)
 
 
 # train.py: a run end to end, DDP equals one process, resume equals no stop, real on-disk formats
