@@ -135,6 +135,15 @@ class Config:
                 isinstance(value, (int, float)) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}"
             )
 
+    @classmethod
+    def from_dict(cls, saved: dict) -> Config:
+        """The Config of a checkpoint's model_config, naming the fields this file lacks, if any."""
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"the checkpoint's model_config has fields this mpvg.py lacks ({', '.join(unknown)}): "
+                             f"use the mpvg.py that wrote it")  # fmt: skip
+        return cls(**saved)
+
     @property
     def num_patches(self) -> int:  # N
         return (self.img_size // self.patch_size) ** 2
@@ -357,11 +366,7 @@ def load_model(checkpoint, map_location="cpu") -> VisionTransformer:
     if not (isinstance(state, dict) and isinstance(state.get("model_config"), dict) and "model" in state):
         raise ValueError("load_model takes a checkpoint of train.py (a path, or its dict with 'model' and "
                          "'model_config'); for other weights build the model and call load_state_dict")  # fmt: skip
-    unknown = sorted(set(state["model_config"]) - {f.name for f in fields(Config)})
-    if unknown:
-        raise ValueError(f"the checkpoint's model_config has fields this mpvg.py lacks ({', '.join(unknown)}): "
-                         f"use the mpvg.py that wrote it")  # fmt: skip
-    model = VisionTransformer(Config(**state["model_config"]))
+    model = VisionTransformer(Config.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -976,6 +976,34 @@ def test_checkpoint_files_that_are_not_ours_are_named(tmp_path):
         run_train(
             tmp_path, "--finetune", str(tmp_path / "odd_config.pt"), "--output-dir", str(tmp_path / "ft")
         )
+    with pytest.raises(
+        SystemExit, match="run is a folder: pass a checkpoint in it, such as .*run/checkpoint.pt$"
+    ):
+        run_train(tmp_path, "--finetune", str(tmp_path / "run"), "--output-dir", str(tmp_path / "ft"))
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    with pytest.raises(SystemExit, match="tensor.pt holds a Tensor, not a checkpoint"):
+        run_train(tmp_path, "--finetune", str(tmp_path / "tensor.pt"), "--output-dir", str(tmp_path / "ft"))
+    (tmp_path / "note.txt").write_text("hi")
+    with pytest.raises(SystemExit, match="note.txt is not a checkpoint: torch.load cannot read it"):
+        analyze.main([str(tmp_path / "note.txt")])
+    with pytest.raises(
+        SystemExit, match="--resume and --finetune take a path, and one of them got an empty one"
+    ):
+        run_train(tmp_path, "--finetune", "", "--output-dir", str(tmp_path / "ft"))  # "$CKPT", CKPT unset
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({**state, "model_config": {**state["model_config"], "rope": True}}, tmp_path / "newer.pt")
+    for use in (["--resume"], ["--finetune"]):
+        with pytest.raises(SystemExit, match=r"model_config has fields this mpvg.py lacks \(rope\): use the"):
+            run_train(tmp_path, *use, str(tmp_path / "newer.pt"), "--output-dir", str(tmp_path / "ft"))
+    with pytest.raises(SystemExit, match=r"newer.pt: the checkpoint's model_config has fields"):
+        analyze.main([str(tmp_path / "newer.pt")])
+    torch.save({**state, "model_config": {**state["model_config"], "dim": 48}}, tmp_path / "edited.pt")
+    with pytest.raises(
+        SystemExit, match="edited.pt's weights do not fit its model_config .size mismatch for"
+    ):
+        run_train(tmp_path, "--resume", str(tmp_path / "edited.pt"), "--dim", "48")
+    with pytest.raises(SystemExit, match="edited.pt: size mismatch for"):
+        analyze.main([str(tmp_path / "edited.pt")])
 
 
 def test_a_seed_or_image_size_the_data_cannot_take_is_one_line(tmp_path):

@@ -200,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    if "" in (args.resume, args.finetune):
+        fail(
+            "--resume and --finetune take a path, and one of them got an empty one (is a shell variable unset?)"
+        )
     if args.resume and args.finetune:
         fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
     newest = Path(args.output_dir) / "checkpoint.pt"  # --resume auto's; none yet in a new folder
@@ -396,7 +400,7 @@ def model_config(args, saved: dict | None = None, strict: bool = True) -> Config
                  f"checkpoint's settings, or start a new run in another --output-dir")  # fmt: skip
         fields = {**saved, **wanted}
     try:
-        return Config(**{**fields, "drop_path": args.drop_path, "attn_drop": args.attn_drop})
+        return Config.from_dict({**fields, "drop_path": args.drop_path, "attn_drop": args.attn_drop})
     except ValueError as e:  # Config's own checks: say it in one line, as for any flag
         fail(str(e))
 
@@ -655,7 +659,12 @@ def run(args, device):
 
     model = VisionTransformer(cfg).to(device)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # a damaged or hand-edited file
+            fail(
+                f"{args.resume_path}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1].strip()})"
+            )
     elif pretrained is not None:
         try:
             notes = load_pretrained(model, {k: v.to(device) for k, v in pretrained.items()})

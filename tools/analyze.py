@@ -129,7 +129,10 @@ def analyze(args, device):
         source = f"a new {cfg.pe} model"
     else:
         ckpt = load_checkpoint(args.analyze)  # one line for a file that is not train.py's
-        model = load_model(ckpt)
+        try:
+            model = load_model(ckpt)
+        except (ValueError, RuntimeError) as e:  # fields this mpvg.py lacks; weights that do not fit
+            train.fail(f"{args.analyze}: {str(e).strip().splitlines()[-1].strip()}")
         cfg = model.cfg
         path = Path(args.analyze).resolve()
         source = (

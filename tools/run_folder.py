@@ -50,8 +50,10 @@ def save_checkpoint(path: Path, state: dict):
 
 def read_checkpoint(path: Path, keys: set[str]) -> dict:
     """The checkpoint at path, tensors only (weights_only), holding every key of `keys`."""
+    if path.is_dir():
+        raise FolderError(f"{path} is a folder: pass a checkpoint in it, such as {path / 'checkpoint.pt'}")
     if not path.is_file():
-        raise FolderError(f"no checkpoint at {path}")
+        raise FolderError(f"no checkpoint at {path}: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -62,9 +64,17 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
         raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects ({objects[0]}), "
                           f"which loading with weights_only=True refuses; pass a file of tensors") from None  # fmt: skip
     except Exception as e:
+        with open(path, "rb") as f:  # torch.save writes a zip archive (older torch: a pickle)
+            ours = f.read(2) in (b"PK", b"\x80\x02")
+        if not ours:
+            raise FolderError(f"{path} is not a checkpoint: torch.load cannot read it; pass a .pt file of weights "
+                              f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
         raise FolderError(f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use "
                           f"another one") from None  # fmt: skip
-    lacking = sorted(keys - set(state)) if isinstance(state, dict) else ["all"]
+    if not isinstance(state, dict):
+        raise FolderError(f"{path} holds a {type(state).__name__}, not a checkpoint (a dict of weights and "
+                          f"settings); pass train.py's, DeiT's or timm's")  # fmt: skip
+    lacking = sorted(keys - set(state))
     if lacking:
         raise FolderError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(lacking)})")
     return state
