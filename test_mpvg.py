@@ -2116,6 +2116,18 @@ def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
         analyze.parse_args([str(tmp_path / "odd.pt"), "--pe", "lape", "--dim", "16"])  # not silently ignored
     with pytest.raises(SystemExit, match=r"--bench-rounds must be in \[1, inf\), got -2$"):
         benchmark.parse_args([*TINY[:-2], "--bench-rounds", "-2"])
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(SystemExit, match="cannot write --output-dir .*afile .FileExistsError"):
+        analyze.main(["--data", "noise", "--synthetic-size", "16", "--output-dir", str(tmp_path / "afile")])
+    assert (tmp_path / "afile").read_text() == "keep me"
+    write_image_folder(tmp_path / "data", n_train=1, n_val=2, classes=("cat",))
+    (tmp_path / "data/val/cat/1.jpg").write_text("not a jpeg")
+    with pytest.raises(
+        SystemExit, match=r"cannot read .*val/cat/1.jpg \(UnidentifiedImageError.*delete or replace"
+    ):
+        analyze.main(
+            ["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path)]
+        )
     torch.save({"epoch": 3, "note": "no weights"}, tmp_path / "odd.pt")
     with pytest.raises(SystemExit, match="odd.pt holds no weights that this project can read"):
         run_train(tmp_path, "--finetune", str(tmp_path / "odd.pt"))

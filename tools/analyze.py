@@ -138,14 +138,20 @@ def analyze(args, device):
         source = (
             f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine path
         )
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        train.fail(f"cannot write --output-dir {out} ({type(e).__name__}: {e.strerror}); choose another one")
     _, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
-    _, val_tf = build_transforms(args, cfg.img_size)
+    val_set = train.Augmented(val_set, build_transforms(args, cfg.img_size)[1], args.seed)
     n = min(args.analyze_images, len(val_set))
     spread = torch.linspace(0, len(val_set) - 1, n).long().tolist()  # image folders are sorted by class
-    images = torch.stack([val_tf(val_set[i][0]) for i in spread]).to(device)
+    try:
+        images = torch.stack([val_set[i][0] for i in spread]).to(device)
+    except train.DataError as e:  # an unreadable image, named
+        train.fail(str(e))
     stats = analyse(model.to(device), images)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
 
     zoom = max(1, 160 // max(cfg.num_tokens, cfg.dim))
     panels = []
