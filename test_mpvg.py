@@ -2102,7 +2102,7 @@ def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(
     assert figures == [("a", "111.0"), ("b", "333.0")]  # b's first figures replaced; c wrote none
 
 
-def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
+def test_the_tools_refuse_bad_input_in_one_line(tmp_path, monkeypatch):
     script = [sys.executable, "tools/benchmark.py", "--bench-rounds", "0"]
     result = subprocess.run(script, cwd=Path(__file__).parent, capture_output=True, text=True)
     assert result.stderr == "benchmark.py: error: --bench-rounds must be in [1, inf), got 0\n"  # its own name
@@ -2116,6 +2116,17 @@ def test_the_tools_refuse_bad_input_in_one_line(tmp_path):
         analyze.parse_args([str(tmp_path / "odd.pt"), "--pe", "lape", "--dim", "16"])  # not silently ignored
     with pytest.raises(SystemExit, match=r"--bench-rounds must be in \[1, inf\), got -2$"):
         benchmark.parse_args([*TINY[:-2], "--bench-rounds", "-2"])
+    with pytest.raises(SystemExit, match=r"--peak-tflops must be in \(0, inf\), got 0.0$"):
+        benchmark.parse_args(["--peak-tflops", "0"])
+    with pytest.raises(
+        SystemExit, match=r"--json .*nowhere/b.json cannot be written"
+    ):  # checked before the work
+        benchmark.parse_args(["--json", str(tmp_path / "nowhere/b.json")])
+    with pytest.raises(SystemExit, match="--batch-size 64 is too large for 16 training images"):
+        benchmark.main([*TINY[:-2], "--synthetic-size", "16", "--batch-size", "64", "--loader-only"])
+    monkeypatch.setattr(benchmark, "train_step", lambda *a, **k: pytest.fail("a model ran before the data"))
+    with pytest.raises(SystemExit, match="--data imagenet expects .*nothing/train/"):
+        benchmark.main([*TINY[:-2], "--data", "imagenet", "--data-path", str(tmp_path / "nothing")])
     (tmp_path / "afile").write_text("keep me")
     with pytest.raises(SystemExit, match="cannot write --output-dir .*afile .FileExistsError"):
         analyze.main(["--data", "noise", "--synthetic-size", "16", "--output-dir", str(tmp_path / "afile")])

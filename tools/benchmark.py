@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -81,6 +82,7 @@ def configurations(args, base: Config) -> dict:
 def benchmark(args, device):
     cuda = device.type == "cuda"  # and so bf16 autocast
     base = base_config(args)
+    loader_rate = time_data_loader(args, base, device)  # first: a data error stops it before any compile
     configs = configurations(args, base)
     builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
     for pool in (
@@ -153,7 +155,7 @@ def benchmark(args, device):
               f"{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}{ratio(r, f'mpvg.py default {pool}'):>11}")  # fmt: skip
     if args.profile:
         profile(steps[args.profile], args.profile, cuda)  # a row that parse_args checked exists
-    rows["data loader"] = dict(images_per_sec=time_data_loader(args, base, device))
+    rows["data loader"] = dict(images_per_sec=loader_rate)
     return rows
 
 
@@ -179,6 +181,9 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     train_set, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
     on_device = isinstance(loader, DeviceLoader)
+    if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
+        train.fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
+                   f"loader's timing needs {1 if on_device else 2} batches): lower it, or raise --synthetic-size")  # fmt: skip
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -222,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RANGES = dict.fromkeys(("bench_steps", "bench_rounds", "bench_warmup"), "[1, inf)")  # as train.RANGES
+RANGES = {"bench_steps": "[1, inf)", "bench_rounds": "[1, inf)", "bench_warmup": "[1, inf)", "peak_tflops": "(0, inf)"}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -232,6 +237,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
     if problem := out_of_range(args, RANGES):
         train.fail(problem)
+    json_path = Path(args.json or ".")
+    if args.json and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK)):
+        train.fail(f"--json {json_path} cannot be written (a folder, or its folder is missing or read-only): "
+                   f"give a file in a writable folder")  # fmt: skip
     args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
 
