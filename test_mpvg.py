@@ -2100,6 +2100,21 @@ def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(
     assert re.search(r"^\| c \| 2026-01-02 11:00 \| GPU two \| 2.14 \| \d+ \| failed \(exit 3", md, re.M)
     figures = re.findall(r"^## (\w+)\n\n.*\n.*\n\| mpvg.py mpvg \(gap\) \| ([\d.]+) \|", md, re.M)
     assert figures == [("a", "111.0"), ("b", "333.0")]  # b's first figures replaced; c wrote none
+    plan["a"] = stage("a")  # a rerun that fails: its good figures are kept aside, not gathered
+    speed.main(["--out", str(tmp_path), "--stages", "a"])
+    assert (
+        json.loads((tmp_path / "previous/a.json").read_text())["rows"]["mpvg.py mpvg (gap)"]["images_per_sec"]
+        == 111
+    )
+    assert "## a" not in (tmp_path / "speed.md").read_text()
+    for stages, message in (("a,,b", "unknown stage.s. '' in --stages 'a,,b'"), ("", "unknown stage.s. ''")):
+        with pytest.raises(SystemExit, match=f"^speed.py: error: {message}"):
+            speed.main(["--out", str(tmp_path), "--stages", stages])
+    (tmp_path / "stages.json").write_text('{"a": ')  # cut short
+    with pytest.raises(SystemExit, match="stages.json is unreadable: move it away"):
+        speed.main(["--out", str(tmp_path), "--stages", "a"])
+    with pytest.raises(SystemExit, match="cannot use --out .*speed.md .NotADirectoryError"):
+        speed.main(["--out", str(tmp_path / "speed.md"), "--stages", "a"])
 
 
 def test_the_tools_refuse_bad_input_in_one_line(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@
 
 Each stage runs train.py or tools/benchmark.py in a process of its own, under its own time limit, and
 keeps its log (and JSON) in --out; a stage that fails or runs out of time is reported and the next one
-runs. speed.md in --out gathers the figures of every stage run into it so far, each with the date, device
+runs. A stage run again first moves its older files into --out/previous/. speed.md in --out gathers the figures of every stage run into it so far, each with the date, device
 and torch version it ran with.
 
 Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s
@@ -108,6 +108,10 @@ def make_jpegs(folder: Path, n: int, size=(400, 350), classes: int = 10):
             Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(d / f"{i}.jpg", quality=90)
 
 
+def fail(message: str):
+    raise SystemExit(f"speed.py: error: {message}")
+
+
 def machine() -> dict:
     import torch
 
@@ -161,22 +165,29 @@ def main(argv=None):
     p.add_argument("--stages", default="deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling",
                    help="a comma-separated subset of the stages, run in this order")  # fmt: skip
     args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cores = os.cpu_count() or 1
-    plan = stages(args.quick, out, min(cores, 16))
-    unknown = set(args.stages.split(",")) - set(plan)
+    out, chosen = Path(args.out), args.stages.split(",")
+    plan = stages(args.quick, out, min(os.cpu_count() or 1, 16))
+    unknown = set(chosen) - set(plan)
     if unknown:
-        raise SystemExit(
-            f"speed.py: error: unknown stage(s) {', '.join(sorted(unknown))}: choose from {', '.join(plan)}"
-        )
-    if "loader" in args.stages.split(",") and not (out / "jpegs").exists():
-        make_jpegs(out / "jpegs", 200 if args.quick else 4000)
-    results, ran = [], json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
-    for stage in args.stages.split(","):
+        fail(f"unknown stage(s) {', '.join(repr(s) for s in sorted(unknown))} in --stages {args.stages!r}: choose "
+             f"from {', '.join(plan)}, comma-separated")  # fmt: skip
+    try:
+        (out / "previous").mkdir(parents=True, exist_ok=True)
+        ran = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}
+    except OSError as e:
+        fail(f"cannot use --out {out} ({type(e).__name__}: {e.strerror}): choose another folder")
+    except ValueError:
+        fail(f"{out}/stages.json is unreadable: move it away (the stages' logs and JSON stay) and run again")
+    if "loader" in chosen and not (out / "jpegs").exists():
+        make_jpegs(out / "jpegs.partial", 200 if args.quick else 4000)
+        (out / "jpegs.partial").rename(out / "jpegs")  # whole, or made again next time
+    results = []
+    for stage in chosen:
         for name, command, limit in plan[stage]:
-            for stale in (out / name, out / f"{name}.json", out / f"{name}.log"):  # no figure of an older run
-                shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+            for old in (out / name, out / f"{name}.json", out / f"{name}.log"):  # kept, but not gathered
+                if old.exists():
+                    shutil.rmtree(out / "previous" / old.name, ignore_errors=True)
+                    old.replace(out / "previous" / old.name)
             start, log = time.perf_counter(), out / f"{name}.log"
             print(f"speed.py: {name} (limit {limit} s) ...", flush=True)
             with open(log, "w") as f:
@@ -190,7 +201,8 @@ def main(argv=None):
             results.append((name, time.perf_counter() - start, status))
             print(f"speed.py: {name}: {status}, {results[-1][1]:.0f} s", flush=True)
             ran[name] = dict(**machine(), seconds=results[-1][1], status=status)
-            (out / "stages.json").write_text(json.dumps(ran, indent=1))
+            (out / "stages.tmp").write_text(json.dumps(ran, indent=1))
+            (out / "stages.tmp").replace(out / "stages.json")  # whole, even if the lease ends here
     (out / "speed.md").write_text(summary(out))
     print((out / "speed.md").read_text())
     return results
