@@ -2131,6 +2131,8 @@ def test_the_tools_refuse_bad_input_in_one_line(tmp_path, monkeypatch):
         analyze.parse_args([str(tmp_path / "odd.pt"), "--pe", "lape", "--dim", "16"])  # not silently ignored
     with pytest.raises(SystemExit, match=r"--bench-rounds must be in \[1, inf\), got -2$"):
         benchmark.parse_args([*TINY[:-2], "--bench-rounds", "-2"])
+    with pytest.raises(SystemExit, match=r"--seed must be in \[0, 4294967296\), got 18446744073709551616$"):
+        workshop.parse_args(["--seed", str(2**64)])
     with pytest.raises(SystemExit, match=r"--peak-tflops must be in \(0, inf\), got 0.0$"):
         benchmark.parse_args(["--peak-tflops", "0"])
     with pytest.raises(

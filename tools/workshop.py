@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
 
+import train
 from mpvg import Config, VisionTransformer, analyse
+from tools.flags import out_of_range
 from train import evaluate, pick_device, train_step
 
 
@@ -105,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    if problem := out_of_range(args, {"seed": train.RANGES["seed"]}):  # as train.py's
+        train.fail(problem)
+    return args
 
 
 def main(argv=None):
@@ -113,4 +118,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    train.PROG = "workshop.py"  # as argparse names it
     main()
