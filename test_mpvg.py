@@ -949,13 +949,28 @@ def test_training_that_would_do_nothing_is_an_error(tmp_path):
         run_train(tmp_path, "--resume", "auto", "--epochs", "1")
 
 
-def test_checkpoint_files_that_are_not_ours_are_named(tmp_path):
+def test_checkpoint_files_that_are_not_ours_are_named(tmp_path, monkeypatch):
     run_train(tmp_path, "--epochs", "1")
     ckpt = tmp_path / "run/checkpoint.pt"
     cut = tmp_path / "cut.pt"
     cut.write_bytes(ckpt.read_bytes()[:1000])  # truncated, as by a full disk
     with pytest.raises(SystemExit, match="cannot read checkpoint .*cut.pt: it is truncated or corrupt"):
         run_train(tmp_path, "--resume", str(cut), "--output-dir", str(tmp_path / "other"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="cannot read checkpoint .*empty.pt: it is truncated or corrupt"):
+        run_train(tmp_path, "--resume", str(tmp_path / "empty.pt"), "--output-dir", str(tmp_path / "other"))
+
+    def unreadable(
+        *args, **kwargs
+    ):  # as torch.load of a file without read permission (tests may run as root)
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(run_folder.torch, "load", unreadable)
+        with pytest.raises(
+            SystemExit, match="cannot read .*checkpoint.pt .Permission denied.: check its permissions"
+        ):
+            run_train(tmp_path, "--resume", str(ckpt))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pt")
     with pytest.raises(
         SystemExit, match="dict.pt is not a checkpoint written by train.py .it lacks args, best, epoch"
@@ -1759,6 +1774,7 @@ def test_benchmark_compares_each_mode_with_default_pooled_alike(capsys, monkeypa
         (["--pool", "gap"], ["default (gap)", "lape (gap)", "pvg (gap)", "mpvg (gap)"]),
         (["--pe", "lape"], ["lape (cls)"]),
         (["--pe", "pvg", "--pool", "cls"], ["pvg (cls)"]),
+        (["--last-pe", "1"], ["pvg (gap)", "mpvg (gap)"]),  # a knob narrows to the modes that take it
     ],
 )
 def test_benchmark_pe_and_pool_narrow_the_rows(flags, rows):
@@ -2081,7 +2097,9 @@ def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(
     def stage(name, rate=None):  # a stand-in for a benchmark run: writes its JSON, or fails
         rows = {"mpvg.py mpvg (gap)": dict(images_per_sec=rate, ms_per_step=2.0, first_step_s=0.5)}
         code = f"open({str(tmp_path / name)!r} + '.json', 'w').write({json.dumps(dict(rows=rows))!r})"
-        return [(name, [sys.executable, "-c", code if rate else "raise SystemExit(3)"], 60)]
+        # while it runs, stages.json no longer claims its older run: a lease ending now leaves no false row
+        unclaimed = f"import json; assert {name!r} not in json.load(open({str(tmp_path / 'stages.json')!r}))"
+        return [(name, [sys.executable, "-c", f"{unclaimed}; {code}" if rate else "raise SystemExit(3)"], 60)]
 
     plan = {"a": stage("a", 111.0), "b": stage("b", 222.0), "c": stage("c")}
     monkeypatch.setattr(speed, "stages", lambda quick, out, cores: plan)

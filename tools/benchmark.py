@@ -60,8 +60,10 @@ def timm_twin(cfg: Config):
 
 
 def base_config(args) -> Config:
-    """The preset with the model flags given; without --pe, default's knobs (each row sets its own mode)."""
-    return model_config(argparse.Namespace(**{**vars(args), "pe": args.pe or "default"}))
+    """The preset with the model flags given, as MPVG without --pe (default with --pool cls, which MPVG
+    lacks); each row then sets its own mode."""
+    pe = args.pe or ("default" if args.pool == "cls" else "mpvg")
+    return model_config(argparse.Namespace(**{**vars(args), "pe": pe}))
 
 
 def configurations(args, base: Config) -> dict:
@@ -138,7 +140,8 @@ def benchmark(args, device):
           f"{'1st step s':>11}{'vs timm':>8}{'vs default':>11}")  # fmt: skip
     for name, r in rows.items():
         ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
-        cfg = configs.get(name.removeprefix("mpvg.py "), base)
+        twin_of = next(c for c in configs.values() if c.pool == name[-4:-1])  # a timm row's configuration
+        cfg = configs.get(name.removeprefix("mpvg.py "), twin_of)
         r.update(ms_per_step=ms, images_per_sec=batch / ms * 1e3)
         r["mfu"] = (
             3 * flops_per_image(cfg) * r["images_per_sec"] / (args.peak_tflops * 1e12) if cuda else None
@@ -182,8 +185,9 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
     on_device = isinstance(loader, DeviceLoader)
     if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
+        more = ", or raise --synthetic-size" if args.data in ("noise", "synthetic") else ""
         train.fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
-                   f"loader's timing needs {1 if on_device else 2} batches): lower it, or raise --synthetic-size")  # fmt: skip
+                   f"loader's timing needs {1 if on_device else 2} batches): lower it{more}")  # fmt: skip
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -203,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
     )
     train.add_data_flags(p, default="noise")
-    train.add_model_flags(p, unset="the preset's value", pe="every mode: a row each, default both ways")
+    train.add_model_flags(
+        p, unset="the preset's value", pe="default, lape, pvg, mpvg: a row each, default both ways"
+    )
     train.add_recipe_flags(p)
     g = p.add_argument_group("benchmark")
     g.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,

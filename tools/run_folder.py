@@ -63,10 +63,12 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
                               f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
         raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects ({objects[0]}), "
                           f"which loading with weights_only=True refuses; pass a file of tensors") from None  # fmt: skip
+    except OSError as e:
+        raise FolderError(f"cannot read {path} ({e.strerror or e}): check its permissions") from None
     except Exception as e:
         with open(path, "rb") as f:  # torch.save writes a zip archive (older torch: a pickle)
-            ours = f.read(2) in (b"PK", b"\x80\x02")
-        if not ours:
+            head = f.read(2)
+        if head not in (b"", b"PK", b"\x80\x02"):  # empty: cut short, as by a full disk
             raise FolderError(f"{path} is not a checkpoint: torch.load cannot read it; pass a .pt file of weights "
                               f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
         raise FolderError(f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use "

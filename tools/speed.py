@@ -112,6 +112,12 @@ def fail(message: str):
     raise SystemExit(f"speed.py: error: {message}")
 
 
+def save(path: Path, ran: dict):
+    """Written whole, even if the lease ends here."""
+    path.with_suffix(".tmp").write_text(json.dumps(ran, indent=1))
+    path.with_suffix(".tmp").replace(path)
+
+
 def machine() -> dict:
     import torch
 
@@ -188,6 +194,8 @@ def main(argv=None):
                 if old.exists():
                     shutil.rmtree(out / "previous" / old.name, ignore_errors=True)
                     old.replace(out / "previous" / old.name)
+            ran.pop(name, None)  # until it ends: its figures are not of the machine that ran it before
+            save(out / "stages.json", ran)
             start, log = time.perf_counter(), out / f"{name}.log"
             print(f"speed.py: {name} (limit {limit} s) ...", flush=True)
             with open(log, "w") as f:
@@ -201,8 +209,7 @@ def main(argv=None):
             results.append((name, time.perf_counter() - start, status))
             print(f"speed.py: {name}: {status}, {results[-1][1]:.0f} s", flush=True)
             ran[name] = dict(**machine(), seconds=results[-1][1], status=status)
-            (out / "stages.tmp").write_text(json.dumps(ran, indent=1))
-            (out / "stages.tmp").replace(out / "stages.json")  # whole, even if the lease ends here
+            save(out / "stages.json", ran)
     (out / "speed.md").write_text(summary(out))
     print((out / "speed.md").read_text())
     return results
