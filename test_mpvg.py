@@ -1426,9 +1426,14 @@ def test_plus_signs_label_the_cell_of_the_plus_centre_and_know_their_chance():
             (y + 1) * 4 // 32 * 4 + (x + 1) * 4 // 32 == label for y, x in zip(ys.tolist(), xs.tolist())
         )
     big = builtin_data.PlusSigns(20000, img_size=32, seed=4)
-    assert train.chance(big) == pytest.approx(
+    assert train.chance(big, big) == pytest.approx(
         100 * 8 * 8 / 900, abs=0.5
     )  # centres 1..30: cells of 7, 8, 8, 7
+
+
+def test_chance_answers_the_training_sets_commonest_class_on_the_validation_set():
+    train_set, val_set = SimpleNamespace(targets=[0, 0, 1]), SimpleNamespace(targets=[1, 1, 1, 0])
+    assert train.chance(train_set, val_set) == 25.0  # not 75: the validation set's own commonest is an oracle
 
 
 def test_the_first_command_learns_the_built_in_task(tmp_path, capsys):

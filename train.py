@@ -344,9 +344,12 @@ def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
     return train, val, len(train.classes)
 
 
-def chance(dataset) -> float:
-    """Top-1 of always answering the commonest class of a data set, in percent."""
-    return 100 * max(torch.bincount(torch.tensor(dataset.targets)).tolist()) / len(dataset)
+def chance(train_set, val_set) -> float:
+    """Validation top-1 of always answering the training set's commonest class, in percent (what a model
+    that learnt nothing but the label frequencies scores; the validation set's own commonest would be an
+    oracle)."""
+    commonest = torch.bincount(torch.tensor(train_set.targets)).argmax()
+    return 100 * (torch.tensor(val_set.targets) == commonest).float().mean().item()
 
 
 def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
@@ -701,7 +704,7 @@ def run(args, device):
     if start_epoch >= args.epochs:
         fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
              f"give a larger --epochs to train on")  # fmt: skip
-    folder, chance_top1 = RunFolder(out), chance(val_set)
+    folder, chance_top1 = RunFolder(out), chance(train_set, val_set)
     args.folder = folder
     claimed = on_rank_0(args, device, folder.claim, run_id, start_epoch - 1)  # drops later epochs' metrics
     if master:
@@ -713,7 +716,7 @@ def run(args, device):
                   f"{args.cooldown_epochs} cooldown epochs; set --warmup-epochs and --cooldown-epochs for short runs")  # fmt: skip
         print(f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {len(train_set)} training "
               f"images, {args.world} process(es) on {device.type}, batch {args.batch_size}, peak lr {peak_lr(args):.3g}; "
-              f"chance: {chance_top1:.2f}% (always the commonest class)")  # fmt: skip
+              f"chance: {chance_top1:.2f}% (always the training set's commonest class)")  # fmt: skip
 
     for epoch in range(start_epoch, args.epochs):
         args.progress["epoch"] = epoch
