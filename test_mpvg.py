@@ -722,6 +722,23 @@ def test_train_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkey
     assert epochs == [1, 2, 3]
 
 
+def test_a_resume_applies_a_new_weight_decay_and_refuses_what_it_cannot_change(tmp_path):
+    run_train(tmp_path, "--epochs", "1")  # the cifar recipe: weight decay 0.06, pos_embed decayed
+    train.main(
+        ["--resume", "auto", "--output-dir", str(tmp_path / "run"), "--epochs", "2", "--weight-decay", "0.5"]
+    )
+    groups = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0]  # not the checkpoint's 0.06, as the args say
+    for flag, value, why in (
+        ("--recipe", "deit", "keeps its recipe's values"),
+        ("--decay-pos-embed", "false", "per weight-decay group"),
+    ):
+        with pytest.raises(SystemExit, match=f"{flag} differs from the checkpoint's: .*{why}.* --finetune"):
+            train.main(
+                ["--resume", "auto", "--output-dir", str(tmp_path / "run"), "--epochs", "3", flag, value]
+            )
+
+
 def torchrun(*args, nproc=2, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]

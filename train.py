@@ -215,6 +215,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
     state = load_checkpoint(path) if path else None
     if state:  # a resumed run is the same run: what the command line does not give again comes from it
+        why = dict(recipe="a resumed run keeps its recipe's values (give single ones with their flags)",
+                   decay_pos_embed="the optimizer's state is kept per weight-decay group")  # fmt: skip
+        for key in (k for k in why if getattr(args, k) not in (None, state["args"][k])):
+            fail(f"--{key.replace('_', '-')} differs from the checkpoint's: {why[key]}; resume without it, or "
+                 f"start a new run with --finetune {path}")  # fmt: skip
         p.set_defaults(**{k: v for k, v in state["args"].items() if k in INHERITED})
         if args.resume != "auto":
             p.set_defaults(output_dir=str(path.parent))  # the run's own folder, not runs/default
@@ -695,7 +700,8 @@ def run(args, device):
     mixing = Mixing(args.mixup, args.cutmix, num_classes) if args.mixup > 0 or args.cutmix > 0 else None
     start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # its weight decay is the checkpoint's; the flag's wins
+        optimizer.param_groups[0]["weight_decay"] = args.weight_decay
         start_epoch, best, run_id = ckpt["epoch"] + 1, ckpt["best"], ckpt["run_id"]
         if len(ckpt["rng"]) != args.world:
             fail(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with that many, "
