@@ -1917,6 +1917,16 @@ def test_analyze_names_a_checkpoint_by_its_run(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("analysis of mpvg_run/best.pt (epoch 1) over 4 noise images")
 
 
+def test_analyze_takes_a_checkpoints_data_recipe_and_seed_unless_given(tmp_path):
+    """As --eval-only does: else a run's own training images could be analysed as validation images."""
+    run_train(tmp_path, "--epochs", "1", "--seed", "3", "--synthetic-size", "48", "--recipe", "deit")
+    ckpt = str(tmp_path / "run/best.pt")
+    args = analyze.parse_args([ckpt])
+    assert (args.data, args.synthetic_size, args.seed, args.recipe) == ("noise", 48, 3, "deit")
+    assert (args.mean, args.eval_crop) == (train.IMAGENET_MEAN, 0.875)  # the recipe's evaluation transform
+    assert analyze.parse_args([ckpt, "--seed", "5", "--data", "synthetic"]).seed == 5  # given: as given
+
+
 def test_workshop_learns_where_the_plus_is_only_with_pe(capsys):
     """A short workshop of two of its models: without PE a GAP model stays near the commonest-cell rate it
     cannot beat; with PVG's PE it learns well above it. Each row is its own model."""

@@ -128,7 +128,7 @@ def analyze(args, device):
         model = VisionTransformer(cfg)
         source = f"a new {cfg.pe} model"
     else:
-        ckpt = load_checkpoint(args.analyze)  # one line for a file that is not train.py's
+        ckpt = args.checkpoint
         try:
             model = load_model(ckpt)
         except (ValueError, RuntimeError) as e:  # fields this mpvg.py lacks; weights that do not fit
@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
     )
     p.add_argument("analyze", nargs="?", default="new", metavar="CKPT",
-                   help="a checkpoint of train.py; without one, a new model from --model and --pe")  # fmt: skip
+                   help="a checkpoint of train.py, analysed as trained: on its data, recipe and seed unless "
+                        "given; without one, a new model from --model and --pe")  # fmt: skip
     train.add_data_flags(p, default="synthetic")
     train.add_model_flags(p, unset="the preset's value; they build a new model, so not with CKPT")
     train.add_recipe_flags(p)
@@ -227,15 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = train.resolve_recipe(build_parser().parse_args(argv))
-    if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
-        train.fail(problem)
+    p = build_parser()
+    args = p.parse_args(argv)
     given = [
         f"--{k.replace('_', '-')}" for k in ["model", *train.MODEL_FLAGS] if getattr(args, k) is not None
     ]
     if given and args.analyze != "new":
         train.fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
                    f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
+    checkpoint = load_checkpoint(args.analyze) if args.analyze != "new" else None
+    if checkpoint:  # its data, recipe and seed unless given, as train.py's --eval-only takes them
+        p.set_defaults(**{k: v for k, v in checkpoint["args"].items() if k in train.INHERITED})
+        args = p.parse_args(argv)
+    args = train.resolve_recipe(args)
+    if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
+        train.fail(problem)
+    args.checkpoint = checkpoint
     return args
 
 
