@@ -737,6 +737,7 @@ def test_a_resume_applies_a_new_weight_decay_and_refuses_what_it_cannot_change(t
             train.main(
                 ["--resume", "auto", "--output-dir", str(tmp_path / "run"), "--epochs", "3", flag, value]
             )
+        train.main(["--resume", "auto", "--output-dir", str(tmp_path / "run"), "--eval-only", flag, value])
 
 
 def torchrun(*args, nproc=2, timeout=300):

@@ -215,9 +215,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
     state = load_checkpoint(path) if path else None
     if state:  # a resumed run is the same run: what the command line does not give again comes from it
-        why = dict(recipe="a resumed run keeps its recipe's values (give single ones with their flags)",
-                   decay_pos_embed="the optimizer's state is kept per weight-decay group")  # fmt: skip
-        for key in (k for k in why if getattr(args, k) not in (None, state["args"][k])):
+        why = {} if args.eval_only else dict(  # what a resume cannot change (evaluation builds no optimizer)
+            recipe="a resumed run keeps its recipe's values (give single ones with their flags)",
+            decay_pos_embed="the optimizer's state is kept per weight-decay group")  # fmt: skip
+        for key in (k for k in why if getattr(args, k) not in (None, state["args"].get(k))):
             fail(f"--{key.replace('_', '-')} differs from the checkpoint's: {why[key]}; resume without it, or "
                  f"start a new run with --finetune {path}")  # fmt: skip
         p.set_defaults(**{k: v for k, v in state["args"].items() if k in INHERITED})
