@@ -56,19 +56,17 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
         raise FolderError(f"no checkpoint at {path}: check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        objects = [line.split("GLOBAL ")[1].split()[0] for line in str(e).splitlines() if "GLOBAL " in line]
-        if not objects:  # not a pickle at all: an image, a text file, ...
-            raise FolderError(f"{path} is not a checkpoint: torch.load cannot read it; pass a .pt file of weights "
-                              f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
-        raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects ({objects[0]}), "
-                          f"which loading with weights_only=True refuses; pass a file of tensors") from None  # fmt: skip
     except OSError as e:
         raise FolderError(f"cannot read {path} ({e.strerror or e}): check its permissions") from None
     except Exception as e:
+        unpickled = isinstance(e, pickle.UnpicklingError)
+        objects = [line.split("GLOBAL ")[1].split()[0] for line in str(e).splitlines() if "GLOBAL " in line]
+        if unpickled and objects:
+            raise FolderError(f"{path} is not a checkpoint of this project: it holds pickled Python objects ({objects[0]}), "
+                              f"which loading with weights_only=True refuses; pass a file of tensors") from None  # fmt: skip
         with open(path, "rb") as f:  # torch.save writes a zip archive (older torch: a pickle)
             head = f.read(2)
-        if head not in (b"", b"PK", b"\x80\x02"):  # empty: cut short, as by a full disk
+        if unpickled or head not in (b"", b"PK", b"\x80\x02"):  # not a pickle at all; empty: cut short
             raise FolderError(f"{path} is not a checkpoint: torch.load cannot read it; pass a .pt file of weights "
                               f"(train.py's, DeiT's or timm's)") from None  # fmt: skip
         raise FolderError(f"cannot read checkpoint {path}: it is truncated or corrupt ({type(e).__name__}); use "
