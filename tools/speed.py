@@ -6,15 +6,16 @@
 
 Each stage runs train.py or tools/benchmark.py in a process of its own, under its own time limit, and
 keeps its log (and JSON) in --out; a stage that fails or runs out of time is reported and the next one
-runs. A stage run again first moves its older files into --out/previous/. speed.md in --out gathers the figures of every stage run into it so far, each with the date, device
-and torch version it ran with.
+runs. A stage run again first moves its older files into --out/previous/. speed.md in --out gathers the
+figures of every stage run into it so far, each with the date, device and torch version it ran with.
 
-Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s
-on an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
-compiled, every mode and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
+Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s on
+an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
+compiled, the four modes and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
 50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
-with default, LaPE, PVG and MPVG under torchrun with one process, and resumes; DDP with compile needs two GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of
-ImageNet's typical size), deit_b (DeiT-B/16 MFU), scaling (DeiT-S batch 64-1024 and 384 px).
+with default, LaPE, PVG and MPVG under torchrun with one process, and resumes; DDP with compile needs two
+GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of ImageNet's typical size), deit_b (DeiT-B/16
+MFU), scaling (DeiT-S batch 64-1024 and 384 px).
 """
 
 from __future__ import annotations
