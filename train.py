@@ -16,7 +16,6 @@ import contextlib
 import math
 import os
 import random
-import signal
 import sys
 import time
 import uuid
@@ -34,11 +33,12 @@ from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
+from tools import resume
 from tools.builtin_data import builtin_datasets
 from tools.device_data import BatchAugment, DeviceLoader, as_tensors
-from tools.flags import HelpFormatter, boolean, layer_or_none, out_of_range
+from tools.flags import HelpFormatter, boolean, fail, layer_or_none, out_of_range
 from tools.mixing import Mixing
-from tools.pretrained import load_pretrained, weights_of
+from tools.pretrained import finetune, read_pretrained
 from tools.randaugment import RandAugment
 from tools.run_folder import FolderError, RunFolder, read_checkpoint
 
@@ -88,14 +88,6 @@ RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( 
 }  # fmt: skip
 
 
-PROG = "train.py"  # what errors begin with; a script of tools/ that calls these functions names itself
-
-
-def fail(message: str, every_rank: bool = False):
-    """A user error: one clear line (from rank 0 only, unless the error is one rank's), no traceback."""
-    raise SystemExit(f"{PROG}: error: {message}" if every_rank or int(os.environ.get("RANK", 0)) == 0 else 1)
-
-
 class DataError(Exception):
     """A training image that cannot be read; raised in a loader worker, reported in one line."""
 
@@ -118,9 +110,7 @@ def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
 
 
 def add_model_flags(
-    p: argparse.ArgumentParser,
-    unset: str = "the preset's value, or the checkpoint's on --resume",
-    pe: str = "mpvg",
+    p: argparse.ArgumentParser, unset="the preset's value, or the checkpoint's on --resume", pe="mpvg"
 ):
     g = p.add_argument_group(f"model (unset: {unset})")
     models = ", ".join(f"{r}: {RECIPES[r]['model']}" for r in RECIPES)
@@ -200,31 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if "" in (args.resume, args.finetune):
-        fail(
-            "--resume and --finetune take a path, and one of them got an empty one (is a shell variable unset?)"
-        )
-    if args.resume and args.finetune:
-        fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
-    newest = Path(args.output_dir) / "checkpoint.pt"  # --resume auto's; none yet in a new folder
-    path = (
-        (newest if newest.is_file() else None) if args.resume == "auto" else args.resume and Path(args.resume)
-    )
-    if args.eval_only and not path:
-        where = f"none in {args.output_dir} yet" if args.resume == "auto" else "none was given"
-        fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
+    path = resume.checkpoint_path(args)  # None for a new run
     state = load_checkpoint(path) if path else None
     if state:  # a resumed run is the same run: what the command line does not give again comes from it
-        why = {} if args.eval_only else dict(  # what a resume cannot change (evaluation builds no optimizer)
-            recipe="a resumed run keeps its recipe's values (give single ones with their flags)",
-            decay_pos_embed="the optimizer's state is kept per weight-decay group")  # fmt: skip
-        for key in (k for k in why if getattr(args, k) not in (None, state["args"].get(k))):
-            fail(f"--{key.replace('_', '-')} differs from the checkpoint's: {why[key]}; resume without it, or "
-                 f"start a new run with --finetune {path}")  # fmt: skip
-        p.set_defaults(**{k: v for k, v in state["args"].items() if k in INHERITED})
-        if args.resume != "auto":
-            p.set_defaults(output_dir=str(path.parent))  # the run's own folder, not runs/default
-        args = p.parse_args(argv)
+        if not args.eval_only:  # an evaluation builds no optimizer: it may change these
+            resume.check_unchanged(args, state, path)
+        own = {} if args.resume == "auto" else dict(output_dir=str(path.parent))  # not runs/default
+        args = resume.inherit(p, argv, state, INHERITED, **own)
     args.resume_path, args.resume_state = path, state
     return resolve_recipe(args)
 
@@ -464,24 +436,12 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
 
 
-def load_checkpoint(path: str | Path, keys=CHECKPOINT_KEYS) -> dict:
-    """A checkpoint with every key of `keys`, or one line that says what is wrong with the file."""
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of train.py (every key of CHECKPOINT_KEYS), or one line that says what is wrong with it."""
     try:
-        return read_checkpoint(Path(path), keys)
+        return read_checkpoint(Path(path), CHECKPOINT_KEYS)
     except FolderError as e:
         fail(str(e))
-
-
-def rng_state(device: torch.device) -> dict:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return dict(torch=torch.get_rng_state(), cuda=cuda, python=random.getstate())
-
-
-def set_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
 
 
 # Distributed set-up: torchrun's environment, or one process
@@ -604,15 +564,6 @@ def check_finite(loss: float, epoch: int, step: int | None, args):
         )
 
 
-def interrupted(signum, frame):
-    """SIGTERM (a cluster's preemption, torchrun relaying Ctrl-C) as Ctrl-C. A preemption stops the loader
-    workers as well: their end is part of the interrupt, not a loader failure to report (torch's SIGCHLD
-    handler would raise one over it)."""
-    if hasattr(signal, "SIGCHLD"):  # a handler that does nothing, not SIG_DFL: Python warns of a pending one
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
     args = parse_args(argv)
     args.rank, args.world, local_rank = distributed_env()
@@ -620,28 +571,22 @@ def main(argv=None):
         fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
              f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
     device = pick_device(local_rank)
-    sigterm = signal.signal(signal.SIGTERM, interrupted)  # until main returns (it may run in a notebook)
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
-    try:
-        if args.world > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    device_id=device if device.type == "cuda" else None)  # fmt: skip
-        return run(args, device)
-    except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
-        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
-    except FolderError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        if args.rank == 0 and args.progress["epoch"] is not None:
-            message = RunFolder(Path(args.output_dir)).interrupted(args.progress["epoch"], args.world)
-            print(f"\ntrain.py: {message}", file=sys.stderr)
-        raise SystemExit(130) from None
-    finally:
-        if getattr(args, "folder", None) and args.folder.lock:
-            args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        signal.signal(signal.SIGTERM, sigterm if sigterm is not None else signal.SIG_DFL)
+    with resume.interruptible(args):
+        try:
+            if args.world > 1:
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                        device_id=device if device.type == "cuda" else None)  # fmt: skip
+            return run(args, device)
+        except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
+            fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
+        except FolderError as e:
+            fail(str(e))
+        finally:
+            if getattr(args, "folder", None) and args.folder.lock:
+                args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def run(args, device):
@@ -650,14 +595,7 @@ def run(args, device):
     random.seed(args.seed + args.rank)
     amp = device.type == "cuda"  # bf16 autocast on CUDA, fp32 on a CPU
     out, ckpt = Path(args.output_dir), args.resume_state
-    if master and args.resume == "auto" and ckpt is None:
-        print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    pretrained, saved = None, None
-    if args.finetune:
-        try:
-            pretrained, saved = weights_of(load_checkpoint(args.finetune, set()))
-        except ValueError as e:
-            fail(f"--finetune {args.finetune} {e}")
+    pretrained, saved = read_pretrained(args.finetune) if args.finetune else (None, None)
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     if ckpt and num_classes != cfg.num_classes:
@@ -668,19 +606,9 @@ def run(args, device):
 
     model = VisionTransformer(cfg).to(device)
     if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:  # a damaged or hand-edited file
-            fail(
-                f"{args.resume_path}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1].strip()})"
-            )
+        resume.load_weights(model, ckpt, args.resume_path)
     elif pretrained is not None:
-        try:
-            notes = load_pretrained(model, {k: v.to(device) for k, v in pretrained.items()})
-        except ValueError as e:
-            fail(f"--finetune {args.finetune}: {e}")
-        if master:
-            print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
+        finetune(model, pretrained, args.finetune)
     compiled = compile_model(model, args.compile)
     train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
     static = per_rank if args.compile else None  # one shape for the compiled graph
@@ -701,16 +629,7 @@ def run(args, device):
     mixing = Mixing(args.mixup, args.cutmix, num_classes) if args.mixup > 0 or args.cutmix > 0 else None
     start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
     if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])  # its weight decay is the checkpoint's; the flag's wins
-        optimizer.param_groups[0]["weight_decay"] = args.weight_decay
-        start_epoch, best, run_id = ckpt["epoch"] + 1, ckpt["best"], ckpt["run_id"]
-        if len(ckpt["rng"]) != args.world:
-            fail(f"the checkpoint was written by {len(ckpt['rng'])} processes; resume it with that many, "
-                 f"not {args.world}")  # fmt: skip
-        set_rng_state(ckpt["rng"][args.rank], device)
-    if start_epoch >= args.epochs:
-        fail(f"nothing to train: the checkpoint holds epoch {start_epoch} and --epochs is {args.epochs}; "
-             f"give a larger --epochs to train on")  # fmt: skip
+        start_epoch, best, run_id = resume.restore(ckpt, optimizer, args, device)
     folder, chance_top1 = RunFolder(out), chance(train_set, val_set)
     args.folder = folder
     claimed = on_rank_0(args, device, folder.claim, run_id, start_epoch - 1)  # drops later epochs' metrics
@@ -741,13 +660,9 @@ def run(args, device):
         is_best = metrics["val_top1"] > best["val_top1"]
         if is_best:
             best = dict(val_top1=metrics["val_top1"], epoch=epoch + 1)
-        mine = rng_state(device)
-        states = [mine] * args.world  # then every rank's, so that a resume continues each exactly
-        if dist.is_initialized():
-            dist.all_gather_object(states, mine)
         state = dict(  # on every rank (references, no copies); rank 0 writes it
             model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,
-            model_config=asdict(cfg), rng=states, lr=lr,
+            model_config=asdict(cfg), rng=resume.rng_states(device, args.world), lr=lr,
             args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
         )  # fmt: skip
         on_rank_0(args, device, folder.save, epoch, metrics, state, is_best)

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import VisionTransformer, analyse, load_model
-from tools.flags import HelpFormatter, out_of_range
+from tools import flags, resume
+from tools.flags import HelpFormatter, fail, out_of_range
 from train import build_datasets, build_transforms, load_checkpoint, model_config
 
 
@@ -132,7 +133,7 @@ def analyze(args, device):
         try:
             model = load_model(ckpt)
         except (ValueError, RuntimeError) as e:  # fields this mpvg.py lacks; weights that do not fit
-            train.fail(f"{args.analyze}: {str(e).strip().splitlines()[-1].strip()}")
+            fail(f"{args.analyze}: {str(e).strip().splitlines()[-1].strip()}")
         cfg = model.cfg
         path = Path(args.analyze).resolve()
         source = (
@@ -142,7 +143,7 @@ def analyze(args, device):
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        train.fail(f"cannot write --output-dir {out} ({type(e).__name__}: {e.strerror}); choose another one")
+        fail(f"cannot write --output-dir {out} ({type(e).__name__}: {e.strerror}); choose another one")
     _, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     val_set = train.Augmented(val_set, build_transforms(args, cfg.img_size)[1], args.seed)
     n = min(args.analyze_images, len(val_set))
@@ -150,7 +151,7 @@ def analyze(args, device):
     try:
         images = torch.stack([val_set[i][0] for i in spread]).to(device)
     except train.DataError as e:  # an unreadable image, named
-        train.fail(str(e))
+        fail(str(e))
     stats = analyse(model.to(device), images)
 
     zoom = max(1, 160 // max(cfg.num_tokens, cfg.dim))
@@ -234,15 +235,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"--{k.replace('_', '-')}" for k in ["model", *train.MODEL_FLAGS] if getattr(args, k) is not None
     ]
     if given and args.analyze != "new":
-        train.fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
+        fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
                    f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
     checkpoint = load_checkpoint(args.analyze) if args.analyze != "new" else None
     if checkpoint:  # its data, recipe and seed unless given, as train.py's --eval-only takes them
-        p.set_defaults(**{k: v for k, v in checkpoint["args"].items() if k in train.INHERITED})
-        args = p.parse_args(argv)
+        args = resume.inherit(p, argv, checkpoint, train.INHERITED)
     args = train.resolve_recipe(args)
     if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
-        train.fail(problem)
+        fail(problem)
     args.checkpoint = checkpoint
     return args
 
@@ -252,5 +252,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.PROG = "analyze.py"  # as argparse names it
+    flags.PROG = "analyze.py"  # as argparse names it
     main()

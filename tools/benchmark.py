@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import PE_MODES, Config, VisionTransformer
+from tools import flags
 from tools.device_data import DeviceLoader
-from tools.flags import HelpFormatter, boolean, out_of_range
+from tools.flags import HelpFormatter, boolean, fail, out_of_range
 from train import (
     RECIPES,
     build_datasets,
@@ -186,7 +187,7 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     on_device = isinstance(loader, DeviceLoader)
     if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
         more = ", or raise --synthetic-size" if args.data in ("noise", "synthetic") else ""
-        train.fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
+        fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
                    f"loader's timing needs {1 if on_device else 2} batches): lower it{more}")  # fmt: skip
     it = iter(loader)
     if not on_device:
@@ -240,12 +241,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = train.resolve_recipe(build_parser().parse_args(argv))
     rows = [f"mpvg.py {name}" for name in configurations(args, base_config(args))]
     if args.profile and args.profile not in rows:
-        train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
+        fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
     if problem := out_of_range(args, RANGES):
-        train.fail(problem)
+        fail(problem)
     json_path = Path(args.json or ".")
     if args.json and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK)):
-        train.fail(f"--json {json_path} cannot be written (a folder, or its folder is missing or read-only): "
+        fail(f"--json {json_path} cannot be written (a folder, or its folder is missing or read-only): "
                    f"give a file in a writable folder")  # fmt: skip
     args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
@@ -266,5 +267,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.PROG = "benchmark.py"  # as argparse names it
+    flags.PROG = "benchmark.py"  # as argparse names it
     main()

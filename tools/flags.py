@@ -1,11 +1,20 @@
-"""Command-line plumbing shared by train.py and the scripts in tools/: flag types, help that says where a
-default comes from, and range checks. train.py imports this; it imports nothing of the project's back.
+"""Command-line plumbing shared by train.py and the scripts in tools/: the one-line error that a user's
+mistake ends in, flag types, help that says where a default comes from, and range checks. train.py
+imports this; it imports nothing of the project's back.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+
+PROG = "train.py"  # what errors begin with; a script of tools/ sets its own name here
+
+
+def fail(message: str, every_rank: bool = False):
+    """A user error: one clear line (from rank 0 only, unless the error is one rank's), no traceback."""
+    raise SystemExit(f"{PROG}: error: {message}" if every_rank or int(os.environ.get("RANK", 0)) == 0 else 1)
 
 
 def boolean(text: str) -> bool:

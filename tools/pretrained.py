@@ -5,10 +5,15 @@ every PE mode. train.py imports this for --finetune; it imports nothing of the p
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from tools.flags import fail
+from tools.run_folder import FolderError, read_checkpoint
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -62,3 +67,27 @@ def load_pretrained(model, state: dict) -> list[str]:
     notes += [f"new: {', '.join(missing)}"] if missing else []
     notes += [f"not used: {', '.join(k for k in state if k not in own)}"] if set(state) - set(own) else []
     return notes
+
+
+def read_pretrained(path: str) -> tuple[dict, dict | None]:
+    """--finetune's file: its weights and model config (see weights_of), or one line that says what is
+    wrong with it."""
+    try:
+        checkpoint = read_checkpoint(Path(path), set())
+    except FolderError as e:
+        fail(str(e))
+    try:
+        return weights_of(checkpoint)
+    except ValueError as e:
+        fail(f"--finetune {path} {e}")
+
+
+def finetune(model, weights: dict, path: str):
+    """load_pretrained, with one line for weights that do not fit and, from rank 0, what was loaded."""
+    device = next(model.parameters()).device
+    try:
+        notes = load_pretrained(model, {k: v.to(device) for k, v in weights.items()})
+    except ValueError as e:
+        fail(f"--finetune {path}: {e}")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"--finetune {path}: loaded" + "".join(f"; {n}" for n in notes))

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and 
 
 import train
 from mpvg import Config, VisionTransformer, analyse
-from tools.flags import out_of_range
+from tools import flags
+from tools.flags import fail, out_of_range
 from train import evaluate, pick_device, train_step
 
 
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if problem := out_of_range(args, {"seed": train.RANGES["seed"]}):  # as train.py's
-        train.fail(problem)
+        fail(problem)
     return args
 
 
@@ -118,5 +119,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.PROG = "workshop.py"  # as argparse names it
+    flags.PROG = "workshop.py"  # as argparse names it
     main()
