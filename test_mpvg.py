@@ -30,6 +30,7 @@ from tools import (
     device_data,
     mixing,
     randaugment,
+    resume,
     run_folder,
     speed,
     workshop,
@@ -922,6 +923,28 @@ def test_train_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--batch-size 15 is not divisible by 2 process"):
         run_train(tmp_path, "--batch-size", "15")
+
+
+def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tmp_path, capsys):
+    """What train.py hands to tools/ still ends in one line: a resume on another process count, a
+    fine-tune onto another architecture, --device-data on an image folder; and it says what it did."""
+    run_train(tmp_path, "--epochs", "1", "--resume", "auto")
+    assert "--resume auto: no checkpoint in" in capsys.readouterr().out  # a new folder: a new run, said so
+    state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    args = SimpleNamespace(world=2, rank=0, weight_decay=0.05, epochs=5)
+    with pytest.raises(SystemExit, match="written by 1 processes; resume it with that many, not 2"):
+        resume.restore(state, None, args, torch.device("cpu"))
+    fine = tmp_path / "run/checkpoint.pt"
+    run_train(tmp_path, "--epochs", "1", "--finetune", str(fine), name="fine")
+    assert f"--finetune {fine}: loaded" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--finetune .*: the checkpoint is another architecture \("):
+        run_train(tmp_path, "--epochs", "1", "--finetune", str(fine), "--dim", "48", name="wide")
+    write_image_folder(tmp_path / "data")
+    with pytest.raises(
+        SystemExit, match="--device-data holds fixed-size sets .* image folders need --device-data off"
+    ):
+        train.main(["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--device-data", "on",
+                    "--output-dir", str(tmp_path / "folder"), "--workers", "0"])  # fmt: skip
 
 
 def bad_flag_values():

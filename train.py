@@ -33,9 +33,8 @@ from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
-from tools import resume
+from tools import device_data, resume
 from tools.builtin_data import builtin_datasets
-from tools.device_data import BatchAugment, DeviceLoader, as_tensors
 from tools.flags import HelpFormatter, boolean, fail, layer_or_none, out_of_range
 from tools.mixing import Mixing
 from tools.pretrained import finetune, read_pretrained
@@ -336,22 +335,13 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
     rank, world = args.rank, args.world
     train_tf, val_tf = build_transforms(args, img_size)
     sampler = EpochSampler(train_set, world, rank, args.seed, repeats=args.repeated_aug)
-    if args.device_data == "on" and args.data == "imagenet":
-        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need "
-             "--device-data off")  # fmt: skip
-    if args.device_data == "on" or (args.device_data, device.type, args.data) == ("auto", "cuda", "cifar100"):
-        augment = BatchAugment(args, img_size)
-        train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
-        shard = list(range(rank, len(val_set), world))
-        val = DeviceLoader(*as_tensors(val_set, device), shard, batch, val_tf, args.seed, drop_last=False)
+    if device_data.wanted(args, device):
+        train, val = device_data.loaders(args, train_set, val_set, sampler, img_size, batch, val_tf, device)
         return train, val, sampler
     train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
-    workers = dict(
-        num_workers=args.workers, pin_memory=device.type == "cuda", persistent_workers=args.workers > 0,
-        prefetch_factor=4 if args.workers > 0 else None,
-    )  # fmt: skip
-    # own generators: worker seeds must not draw on the global RNG (dropout, Mixup), whatever --workers is
-    workers["generator"] = torch.Generator().manual_seed(args.seed)
+    seeds = torch.Generator().manual_seed(args.seed)  # the workers': not from the global RNG (dropout, Mixup)
+    workers = dict(num_workers=args.workers, pin_memory=device.type == "cuda", generator=seeds,
+                   persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)  # fmt: skip
     train = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **workers)
     shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
     val = DataLoader(shard, batch_size=batch, shuffle=False, **workers)
@@ -430,7 +420,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-# Checkpoints: what one holds and how it is read; tools/run_folder.py writes them
+# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them, tools/resume.py goes on)
 
 
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
@@ -444,12 +434,7 @@ def load_checkpoint(path: str | Path) -> dict:
         fail(str(e))
 
 
-# Distributed set-up: torchrun's environment, or one process
-
-
-def distributed_env():
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return rank, world, int(os.environ.get("LOCAL_RANK", 0))
+# Distributed set-up: torchrun's ranks (RANK, WORLD_SIZE and LOCAL_RANK, read in main), or one process
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -566,11 +551,11 @@ def check_finite(loss: float, epoch: int, step: int | None, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.rank, args.world, local_rank = distributed_env()
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     if args.batch_size % (args.world * args.accum_steps):
         fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
              f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
-    device = pick_device(local_rank)
+    device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
     with resume.interruptible(args):
         try:

@@ -13,6 +13,7 @@ import math
 import torch
 
 from tools import randaugment
+from tools.flags import fail
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -180,3 +181,28 @@ def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
         labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
     return images.to(device), labels.to(device)
+
+
+def wanted(args, device: torch.device) -> bool:
+    """Whether --device-data is on: when asked, or by auto for cifar100 on CUDA. Image folders are refused:
+    their images differ in size."""
+    if args.device_data == "on" and args.data == "imagenet":
+        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need "
+             "--device-data off")  # fmt: skip
+    return args.device_data == "on" or (args.device_data, device.type, args.data) == (
+        "auto",
+        "cuda",
+        "cifar100",
+    )
+
+
+def loaders(
+    args, train_set, val_set, sampler, img_size: int, batch: int, val_transform, device: torch.device
+):
+    """--device-data's training and validation loaders of `batch` images per rank: both sets on the device,
+    the training one augmented there by the recipe, the validation one cut into this rank's share."""
+    augment = BatchAugment(args, img_size)
+    train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
+    shard = list(range(args.rank, len(val_set), args.world))  # every image once, none padded
+    val = DeviceLoader(*as_tensors(val_set, device), shard, batch, val_transform, args.seed, drop_last=False)
+    return train, val

@@ -59,9 +59,8 @@ def checkpoint_path(args: argparse.Namespace) -> Path | None:
     """The checkpoint that --resume continues: the path given, or for auto the newest in --output-dir (None
     in a new folder); None without --resume."""
     if "" in (args.resume, args.finetune):
-        fail(
-            "--resume and --finetune take a path, and one of them got an empty one (is a shell variable unset?)"
-        )
+        fail("--resume and --finetune take a path, and one of them got an empty one (is a shell variable "
+             "unset?)")  # fmt: skip
     if args.resume and args.finetune:
         fail("--resume continues a run and --finetune starts a new one from weights: give one of them")
     newest = Path(args.output_dir) / "checkpoint.pt"
@@ -91,6 +90,7 @@ def check_unchanged(args: argparse.Namespace, state: dict, path: Path):
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: Path):
+    """The checkpoint's weights into `model`, or one line when they do not fit it."""
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # a damaged or hand-edited file
@@ -110,10 +110,11 @@ def restore(state: dict, optimizer, args: argparse.Namespace, device: torch.devi
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
     random.setstate(rng["python"])
-    if state["epoch"] + 1 >= args.epochs:
-        fail(f"nothing to train: the checkpoint holds epoch {state['epoch'] + 1} and --epochs is {args.epochs}; "
-             f"give a larger --epochs to train on")  # fmt: skip
-    return state["epoch"] + 1, state["best"], state["run_id"]
+    start = state["epoch"] + 1
+    if start >= args.epochs:
+        fail(f"nothing to train: the checkpoint holds epoch {start} and --epochs is {args.epochs}; give a "
+             f"larger --epochs to train on")  # fmt: skip
+    return start, state["best"], state["run_id"]
 
 
 def rng_states(device: torch.device, world: int) -> list[dict]:
