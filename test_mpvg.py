@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import shlex
 import signal
@@ -29,6 +30,7 @@ from tools import (
     builtin_data,
     device_data,
     mixing,
+    pretrained,
     randaugment,
     resume,
     run_folder,
@@ -925,7 +927,7 @@ def test_train_bad_input_is_a_clear_error(tmp_path, monkeypatch, capsys):
         run_train(tmp_path, "--batch-size", "15")
 
 
-def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tmp_path, capsys):
+def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tmp_path, capsys, monkeypatch):
     """What train.py hands to tools/ still ends in one line: a resume on another process count, a
     fine-tune onto another architecture, --device-data on an image folder; and it says what it did."""
     run_train(tmp_path, "--epochs", "1", "--resume", "auto")
@@ -934,9 +936,24 @@ def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tm
     args = SimpleNamespace(world=2, rank=0, weight_decay=0.05, epochs=5)
     with pytest.raises(SystemExit, match="written by 1 processes; resume it with that many, not 2"):
         resume.restore(state, None, args, torch.device("cpu"))
+    loaded, optimizer = [], SimpleNamespace(load_state_dict=lambda s: loaded.append(s), param_groups=[{}])
+    torch.manual_seed(123), random.seed(123)
+    start = resume.restore(
+        state, optimizer, SimpleNamespace(**{**vars(args), "world": 1}), torch.device("cpu")
+    )
+    assert start == (1, state["best"], state["run_id"]) and loaded == [state["optimizer"]]
+    assert optimizer.param_groups[0]["weight_decay"] == 0.05  # the flag's, not the checkpoint's
+    assert torch.equal(torch.get_rng_state(), state["rng"][0]["torch"])  # every generator as it was saved
+    assert random.getstate() == state["rng"][0]["python"]
     fine = tmp_path / "run/checkpoint.pt"
     run_train(tmp_path, "--epochs", "1", "--finetune", str(fine), name="fine")
     assert f"--finetune {fine}: loaded" in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")  # the other ranks load as well, and say nothing
+    pretrained.finetune(
+        create_model("vit_lite_7_4", img_size=16, dim=32, depth=2, heads=2), weights(fine), fine
+    )
+    assert capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
     with pytest.raises(SystemExit, match=r"--finetune .*: the checkpoint is another architecture \("):
         run_train(tmp_path, "--epochs", "1", "--finetune", str(fine), "--dim", "48", name="wide")
     write_image_folder(tmp_path / "data")
@@ -945,6 +962,24 @@ def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tm
     ):
         train.main(["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--device-data", "on",
                     "--output-dir", str(tmp_path / "folder"), "--workers", "0"])  # fmt: skip
+
+
+def test_an_interrupt_says_what_is_saved_before_the_teardown(tmp_path, monkeypatch, capsys):
+    """The line that says how to continue comes first: a teardown that hangs or fails (NCCL after its
+    peers died) must not swallow it."""
+    said = []
+
+    def interrupted_run(args, device):
+        args.progress["epoch"] = 0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run", interrupted_run)
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: said.append(capsys.readouterr().err))
+    with pytest.raises(SystemExit) as stopped:
+        run_train(tmp_path)
+    assert stopped.value.code == 130
+    assert "train.py: interrupted in epoch 1; no checkpoint was saved yet" in said[0]
 
 
 def bad_flag_values():

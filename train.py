@@ -6,7 +6,8 @@
     python train.py --eval-only --resume runs/mpvg/best.pt          # top-1 / top-5 of a checkpoint
 
 Every recipe value (paper Table 7, with the anchors' details) but mean and std is a flag; `--help` lists
-them. The benchmark, the analysis figures, the workshop and the device augmentation live in tools/.
+them. The benchmark, the analysis figures, the workshop and the device augmentation live in tools/, and
+so do the details of resuming, fine-tuning and the run's folder.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    path = resume.checkpoint_path(args)  # None for a new run
+    path = resume.checkpoint_to_resume(args)  # None for a new run
     state = load_checkpoint(path) if path else None
     if state:  # a resumed run is the same run: what the command line does not give again comes from it
         if not args.eval_only:  # an evaluation builds no optimizer: it may change these
@@ -420,7 +421,7 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them, tools/resume.py goes on)
+# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them; tools/resume.py continues a run)
 
 
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
@@ -557,21 +558,21 @@ def main(argv=None):
              f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
     args.progress = dict(epoch=None)  # the epoch an interrupt reports
-    with resume.interruptible(args):
-        try:
+    try:
+        with resume.interruptible(args):  # says what is saved before the teardown below
             if args.world > 1:
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                         device_id=device if device.type == "cuda" else None)  # fmt: skip
             return run(args, device)
-        except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
-            fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
-        except FolderError as e:
-            fail(str(e))
-        finally:
-            if getattr(args, "folder", None) and args.folder.lock:
-                args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
+        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
+    except FolderError as e:
+        fail(str(e))
+    finally:
+        if getattr(args, "folder", None) and args.folder.lock:
+            args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(args, device):
@@ -580,6 +581,8 @@ def run(args, device):
     random.seed(args.seed + args.rank)
     amp = device.type == "cuda"  # bf16 autocast on CUDA, fp32 on a CPU
     out, ckpt = Path(args.output_dir), args.resume_state
+    if master and args.resume == "auto" and ckpt is None:
+        print(f"--resume auto: no checkpoint in {out}, starting a new run")
     pretrained, saved = read_pretrained(args.finetune) if args.finetune else (None, None)
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)

@@ -3,7 +3,7 @@
 Every image still draws its own crop, resampling, flip, RandAugment ops and erasing box, by the rules of
 torchvision's and timm's per-image transforms; the work then runs once per chunk of the epoch (or once
 per group of images that drew the same op) instead of once per image. train.py imports this for
---device-data; it imports nothing of the project's back.
+--device-data; it imports neither train.py nor a script.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Weights of one model into another of a different resolution or class count: DeiT's --finetune, for
-every PE mode. train.py imports this for --finetune; it imports nothing of the project's back.
+every PE mode. train.py imports this for --finetune; it imports neither train.py nor a script.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from tools.flags import fail
-from tools.run_folder import FolderError, read_checkpoint
+from tools.run_folder import read_checkpoint
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -72,10 +72,7 @@ def load_pretrained(model, state: dict) -> list[str]:
 def read_pretrained(path: str) -> tuple[dict, dict | None]:
     """--finetune's file: its weights and model config (see weights_of), or one line that says what is
     wrong with it."""
-    try:
-        checkpoint = read_checkpoint(Path(path), set())
-    except FolderError as e:
-        fail(str(e))
+    checkpoint = read_checkpoint(Path(path), set())  # a FolderError: its line, as train.py's main says it
     try:
         return weights_of(checkpoint)
     except ValueError as e:

@@ -3,14 +3,13 @@ line that says what is saved and how to continue; the continued run takes its fl
 (refusing the two it cannot change) and the state that makes it go on exactly where it stopped: weights,
 optimizer and every rank's random generators.
 
-train.py and tools/analyze.py import this; it imports nothing of the project's back.
+train.py and tools/analyze.py import this; it imports neither train.py nor a script.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
 import signal
 import sys
@@ -55,9 +54,10 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
-def checkpoint_path(args: argparse.Namespace) -> Path | None:
+def checkpoint_to_resume(args: argparse.Namespace) -> Path | None:
     """The checkpoint that --resume continues: the path given, or for auto the newest in --output-dir (None
-    in a new folder); None without --resume."""
+    in a new folder); None without --resume. Refuses an empty path, --resume with --finetune, and
+    --eval-only with no checkpoint."""
     if "" in (args.resume, args.finetune):
         fail("--resume and --finetune take a path, and one of them got an empty one (is a shell variable "
              "unset?)")  # fmt: skip
@@ -70,8 +70,6 @@ def checkpoint_path(args: argparse.Namespace) -> Path | None:
     if args.eval_only and not path:
         where = f"none in {args.output_dir} yet" if args.resume == "auto" else "none was given"
         fail(f"--eval-only needs a checkpoint: --resume PATH, or --resume auto for --output-dir's ({where})")
-    if args.resume == "auto" and not path and int(os.environ.get("RANK", 0)) == 0:
-        print(f"--resume auto: no checkpoint in {args.output_dir}, starting a new run")
     return path
 
 
@@ -99,7 +97,8 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path):
 
 def restore(state: dict, optimizer, args: argparse.Namespace, device: torch.device) -> tuple[int, dict, str]:
     """The optimizer's state (with the weight decay given now) and this rank's random generators put back;
-    returns the epoch to start from, the best epoch so far and the run's id."""
+    returns the epoch to start from, the best epoch so far and the run's id. Refuses another process count
+    than the checkpoint's (each rank has its own generators) and a checkpoint that already holds --epochs."""
     if len(state["rng"]) != args.world:
         fail(f"the checkpoint was written by {len(state['rng'])} processes; resume it with that many, "
              f"not {args.world}")  # fmt: skip
