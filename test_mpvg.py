@@ -932,6 +932,10 @@ def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tm
     fine-tune onto another architecture, --device-data on an image folder; and it says what it did."""
     run_train(tmp_path, "--epochs", "1", "--resume", "auto")
     assert "--resume auto: no checkpoint in" in capsys.readouterr().out  # a new folder: a new run, said so
+    with pytest.raises(
+        SystemExit, match="the checkpoint has 100 classes but this data set has 16: .*--finetune"
+    ):
+        run_train(tmp_path, "--eval-only", "--resume", "auto", "--data", "synthetic")
     state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     args = SimpleNamespace(world=2, rank=0, weight_decay=0.05, epochs=5)
     with pytest.raises(SystemExit, match="written by 1 processes; resume it with that many, not 2"):

@@ -586,9 +586,6 @@ def run(args, device):
     pretrained, saved = read_pretrained(args.finetune) if args.finetune else (None, None)
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
-    if ckpt and num_classes != cfg.num_classes:
-        fail(f"the checkpoint has {cfg.num_classes} classes but this data set has {num_classes}: to train "
-             f"a new head on it, start a new run with --finetune {args.resume_path}")  # fmt: skip
     cfg = replace(cfg, num_classes=num_classes)
     per_rank = args.batch_size // (args.world * args.accum_steps)
 
