@@ -341,8 +341,8 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
         return train, val, sampler
     train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
     seeds = torch.Generator().manual_seed(args.seed)  # the workers': not from the global RNG (dropout, Mixup)
-    workers = dict(num_workers=args.workers, pin_memory=device.type == "cuda", generator=seeds,
-                   persistent_workers=args.workers > 0, prefetch_factor=4 if args.workers else None)  # fmt: skip
+    workers = dict(num_workers=args.workers, prefetch_factor=4 if args.workers else None, generator=seeds,
+                   persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
     train = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **workers)
     shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
     val = DataLoader(shard, batch_size=batch, shuffle=False, **workers)
@@ -421,14 +421,14 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them; tools/resume.py continues a run)
+# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them, tools/resume.py resumes)
 
 
 CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of train.py (every key of CHECKPOINT_KEYS), or one line that says what is wrong with it."""
+    """A checkpoint of train.py (with every key of CHECKPOINT_KEYS), or one line for what is wrong with it."""
     try:
         return read_checkpoint(Path(path), CHECKPOINT_KEYS)
     except FolderError as e:

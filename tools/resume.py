@@ -92,8 +92,8 @@ def load_weights(model: torch.nn.Module, state: dict, path: Path):
     line when the class count or the weights do not fit."""
     saved = state["model_config"]["num_classes"]
     if saved != model.cfg.num_classes:
-        fail(f"the checkpoint has {saved} classes but this data set has {model.cfg.num_classes}: to train a new "
-             f"head on it, start a new run with --finetune {path}")  # fmt: skip
+        fail(f"the checkpoint has {saved} classes but this data set has {model.cfg.num_classes}: to train a "
+             f"new head on it, start a new run with --finetune {path}")  # fmt: skip
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # a damaged or hand-edited file
