@@ -40,7 +40,7 @@ from tools.flags import HelpFormatter, boolean, fail, layer_or_none, out_of_rang
 from tools.mixing import Mixing
 from tools.pretrained import finetune, read_pretrained
 from tools.randaugment import RandAugment
-from tools.run_folder import FolderError, RunFolder, read_checkpoint
+from tools.run_folder import FolderError, RunFolder, on_rank_0, read_checkpoint
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
@@ -453,20 +453,6 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def on_rank_0(args, device, work, *inputs):
-    """work(*inputs) on rank 0 alone (writing the run's folder), every rank waiting for it. If it fails, all
-    ranks stop: rank 0 with its error, the others quietly, rather than go on to meet a rank 0 that is gone."""
-    result, error = None, None
-    if args.rank == 0:
-        try:
-            result = work(*inputs)
-        except Exception as e:
-            error = e
-    if all_reduce(torch.tensor(float(error is not None), device=device)).item():
-        raise error or SystemExit(1)
-    return result
-
-
 # Training and evaluation
 
 
@@ -617,7 +603,9 @@ def run(args, device):
         start_epoch, best, run_id = resume.restore(ckpt, optimizer, args, device)
     folder, chance_top1 = RunFolder(out), chance(train_set, val_set)
     args.folder = folder
-    claimed = on_rank_0(args, device, folder.claim, run_id, start_epoch - 1)  # drops later epochs' metrics
+    claimed = on_rank_0(
+        args.rank, device, folder.claim, run_id, start_epoch - 1
+    )  # drops later epochs' metrics
     if master:
         if claimed != run_id:  # a fork, in a folder of its own: its best is among the epochs it trains
             run_id, best = claimed, dict(val_top1=-1.0, epoch=-1)
@@ -650,7 +638,7 @@ def run(args, device):
             model_config=asdict(cfg), rng=resume.rng_states(device, args.world), lr=lr,
             args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
         )  # fmt: skip
-        on_rank_0(args, device, folder.save, epoch, metrics, state, is_best)
+        on_rank_0(args.rank, device, folder.save, epoch, metrics, state, is_best)
         if master:
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
                   f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "

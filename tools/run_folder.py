@@ -1,5 +1,5 @@
-"""One training run's folder: owned by one run, written by one live process, every file written whole,
-every checkpoint read back with one line for what is wrong with it.
+"""One training run's folder: owned by one run, written by one live process (and by its rank 0 alone), every
+file written whole, every checkpoint read back with one line for what is wrong with it.
 
 train.py keeps its checkpoints and metrics here; this file imports nothing of the project's back.
 """
@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 class FolderError(Exception):
@@ -78,6 +79,24 @@ def read_checkpoint(path: Path, keys: set[str]) -> dict:
     if lacking:
         raise FolderError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(lacking)})")
     return state
+
+
+def on_rank_0(rank: int, device: torch.device, work, *inputs):
+    """work(*inputs) (a write of the run's folder) on rank 0 alone, every rank waiting for it. If it fails,
+    all ranks stop: rank 0 with its error, the others quietly, rather than go on to meet a rank 0 that is
+    gone."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work(*inputs)
+        except Exception as e:
+            error = e
+    failed = torch.tensor(float(error is not None), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(failed)
+    if failed.item():
+        raise error or SystemExit(1)
+    return result
 
 
 def launcher(world: int) -> str:
