@@ -764,6 +764,10 @@ def test_torchrun_two_ranks_equal_one_process_with_the_same_global_batch(tmp_pat
     assert all((a[k] - start[k]).abs().max() > 1e-4 for k in ("head.weight", "blocks.1.attn.qkv.weight"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    rng = torch.load(tmp_path / "ddp/checkpoint.pt", weights_only=True)["rng"]
+    assert not torch.equal(
+        rng[0]["torch"], rng[1]["torch"]
+    )  # each rank's own generators, for an exact resume
 
 
 def write_cifar100(root: Path, n_train=48, n_test=16):
@@ -937,6 +941,14 @@ def test_the_refusals_of_tools_resume_pretrained_and_device_data_are_one_line(tm
     ):
         run_train(tmp_path, "--eval-only", "--resume", "auto", "--data", "synthetic")
     state = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    config = {
+        k: v for k, v in state["model_config"].items() if k != "num_classes"
+    }  # hand-edited: Config's default
+    torch.save({**state, "model_config": config}, tmp_path / "no_classes.pt")
+    with pytest.raises(
+        SystemExit, match="no_classes.pt's weights do not fit its model_config .size mismatch"
+    ):
+        run_train(tmp_path, "--eval-only", "--resume", str(tmp_path / "no_classes.pt"))
     args = SimpleNamespace(world=2, rank=0, weight_decay=0.05, epochs=5)
     with pytest.raises(SystemExit, match="written by 1 processes; resume it with that many, not 2"):
         resume.restore(state, None, args, torch.device("cpu"))
@@ -1133,9 +1145,16 @@ def test_errors_are_printed_by_rank_0_only(monkeypatch):
 
 def test_main_leaves_the_callers_sigterm_handler_as_it_was(tmp_path):
     """In a notebook, SIGTERM must end the kernel again once a run is over, not raise KeyboardInterrupt."""
-    before = signal.getsignal(signal.SIGTERM)
-    run_train(tmp_path, "--epochs", "1")
-    assert signal.getsignal(signal.SIGTERM) == before
+
+    def callers(signum, frame):  # the caller's own, so that no earlier test's leftover can pass for it
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers)
+    try:
+        run_train(tmp_path, "--epochs", "1")
+        assert signal.getsignal(signal.SIGTERM) is callers
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_an_interrupted_run_is_continued_with_as_many_processes(tmp_path, monkeypatch):

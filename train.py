@@ -34,11 +34,10 @@ from torchvision.transforms.v2 import InterpolationMode
 from tqdm import tqdm
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
-from tools import device_data, resume
+from tools import device_data, pretrained, resume
 from tools.builtin_data import builtin_datasets
 from tools.flags import HelpFormatter, boolean, fail, layer_or_none, out_of_range
 from tools.mixing import Mixing
-from tools.pretrained import finetune, read_pretrained
 from tools.randaugment import RandAugment
 from tools.run_folder import FolderError, RunFolder, on_rank_0, read_checkpoint
 
@@ -569,7 +568,7 @@ def run(args, device):
     out, ckpt = Path(args.output_dir), args.resume_state
     if master and args.resume == "auto" and ckpt is None:
         print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    pretrained, saved = read_pretrained(args.finetune) if args.finetune else (None, None)
+    weights, saved = pretrained.read(args.finetune) if args.finetune else (None, None)
     cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
     train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
     cfg = replace(cfg, num_classes=num_classes)
@@ -578,8 +577,8 @@ def run(args, device):
     model = VisionTransformer(cfg).to(device)
     if ckpt:
         resume.load_weights(model, ckpt, args.resume_path)
-    elif pretrained is not None:
-        finetune(model, pretrained, args.finetune)
+    elif weights is not None:
+        pretrained.finetune(model, weights, args.finetune)
     compiled = compile_model(model, args.compile)
     train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
     static = per_rank if args.compile else None  # one shape for the compiled graph
@@ -603,9 +602,7 @@ def run(args, device):
         start_epoch, best, run_id = resume.restore(ckpt, optimizer, args, device)
     folder, chance_top1 = RunFolder(out), chance(train_set, val_set)
     args.folder = folder
-    claimed = on_rank_0(
-        args.rank, device, folder.claim, run_id, start_epoch - 1
-    )  # drops later epochs' metrics
+    claimed = on_rank_0(args.rank, device, folder.claim, run_id, start_epoch - 1)  # drops later metrics
     if master:
         if claimed != run_id:  # a fork, in a folder of its own: its best is among the epochs it trains
             run_id, best = claimed, dict(val_top1=-1.0, epoch=-1)

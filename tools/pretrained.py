@@ -69,7 +69,7 @@ def load_pretrained(model, state: dict) -> list[str]:
     return notes
 
 
-def read_pretrained(path: str) -> tuple[dict, dict | None]:
+def read(path: str) -> tuple[dict, dict | None]:
     """--finetune's file: its weights and model config (see weights_of), or one line that says what is
     wrong with it."""
     checkpoint = read_checkpoint(Path(path), set())  # a FolderError: its line, as train.py's main says it

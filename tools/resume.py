@@ -90,7 +90,7 @@ def check_unchanged(args: argparse.Namespace, state: dict, path: Path):
 def load_weights(model: torch.nn.Module, state: dict, path: Path):
     """The checkpoint's weights into `model`, a model of its config for this data set's class count; one
     line when the class count or the weights do not fit."""
-    saved = state["model_config"]["num_classes"]
+    saved = state["model_config"].get("num_classes", model.cfg.num_classes)  # if not, load_state_dict says
     if saved != model.cfg.num_classes:
         fail(f"the checkpoint has {saved} classes but this data set has {model.cfg.num_classes}: to train a "
              f"new head on it, start a new run with --finetune {path}")  # fmt: skip
