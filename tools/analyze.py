@@ -236,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ]
     if given and args.analyze != "new":
         fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
-                   f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
+             f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
     checkpoint = load_checkpoint(args.analyze) if args.analyze != "new" else None
     if checkpoint:  # its data, recipe and seed unless given, as train.py's --eval-only takes them
         args = resume.inherit(p, argv, checkpoint, train.INHERITED)

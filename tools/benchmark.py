@@ -188,7 +188,7 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
         more = ", or raise --synthetic-size" if args.data in ("noise", "synthetic") else ""
         fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
-                   f"loader's timing needs {1 if on_device else 2} batches): lower it{more}")  # fmt: skip
+             f"loader's timing needs {1 if on_device else 2} batches): lower it{more}")  # fmt: skip
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -247,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     json_path = Path(args.json or ".")
     if args.json and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK)):
         fail(f"--json {json_path} cannot be written (a folder, or its folder is missing or read-only): "
-                   f"give a file in a writable folder")  # fmt: skip
+             f"give a file in a writable folder")  # fmt: skip
     args.rank, args.world, args.accum_steps = 0, 1, 1
     return args
 

@@ -189,11 +189,8 @@ def wanted(args, device: torch.device) -> bool:
     if args.device_data == "on" and args.data == "imagenet":
         fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need "
              "--device-data off")  # fmt: skip
-    return args.device_data == "on" or (args.device_data, device.type, args.data) == (
-        "auto",
-        "cuda",
-        "cifar100",
-    )
+    auto = device.type == "cuda" and args.data == "cifar100"
+    return args.device_data == "on" or (args.device_data == "auto" and auto)
 
 
 def loaders(
