@@ -14,7 +14,7 @@ the PE's own norm (Eq. 6); here they are two modules, `norm2` and `pe_norm`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ PE_MODES = {
     # LaPE (Yu et al. 2023): no PE on the patches, Eq. (5); layer l gets LN'_l(pos_l) with
     # pos_l = LN'_{l-1}(pos_{l-1}), Eqs. (6)-(7).
     "lape": dict(pe_input=False, pe_layers="all", pe_hierarchical=True, last_pe=None, pool="cls"),
-    # PVG: PE on the patches, Eq. (8), and layer-wise from layer 1 on, Eqs. (9)-(10).
+    # PVG: PE on the patches, Eq. (8), and layer-wise from layer 1 on, Eqs. (9)-(10). Table 6's best
+    # row checks "Layer 0" while the text excludes it: we follow the text and the equations.
     "pvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=None, pool="gap"),
     # MPVG: PVG, and LN(pos_0) added to the Last LN's output, Eq. (11).
     "mpvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=0, pool="gap"),
@@ -42,11 +43,20 @@ PRESETS = {
     "deit_tiny": dict(dim=192, heads=3),
     "deit_small": dict(dim=384, heads=6),
     "deit_base": dict(dim=768, heads=12),
+    # ViT-Lite-7/4 (Compact Transformers) for CIFAR-100, Table 2
     "vit_lite_7_4": dict(
-        img_size=32, patch_size=4, num_classes=100, dim=256, depth=7, heads=4, mlp_ratio=2.0,
-        qkv_bias=False, norm_eps=1e-5, init="cct",
+        img_size=32,
+        patch_size=4,
+        num_classes=100,
+        dim=256,
+        depth=7,
+        heads=4,
+        mlp_ratio=2.0,
+        qkv_bias=False,
+        norm_eps=1e-5,
+        init="cct",
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -77,72 +87,25 @@ class Config:
         for name, value in PE_MODES[self.pe].items():
             if getattr(self, name) == AUTO:
                 setattr(self, name, value)
-        self.validate()
-
-    def validate(self):
-        def check(ok, message):
-            if not ok:
-                raise ValueError(message)
-
-        for name in ("img_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "heads"):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            check(ok, f"{name} must be a positive integer, got {value!r}")
-        check(
-            self.img_size % self.patch_size == 0,
-            f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}: "
-            f"choose sizes with img_size = n * patch_size",
-        )
-        check(self.dim % self.heads == 0, f"dim {self.dim} is not divisible by heads {self.heads}")
-        check(
-            isinstance(self.mlp_ratio, (int, float)) and 1 <= self.dim * self.mlp_ratio < float("inf"),
-            f"mlp_ratio must give the MLP at least one hidden unit (dim * mlp_ratio >= 1), got {self.mlp_ratio!r}",
-        )
-        check(
-            isinstance(self.norm_eps, (int, float)) and 0 < self.norm_eps < float("inf"),
-            f"norm_eps must be a positive number (LayerNorm divides by sqrt(var + eps)), got {self.norm_eps!r}",
-        )
-        check(self.init in ("deit", "cct"), f"unknown init {self.init!r}: choose 'deit' or 'cct'")
-        check(self.pool in ("cls", "gap"), f"unknown pool {self.pool!r}: choose 'cls' or 'gap'")
-        check(
-            self.pe_layers in ("none", "all", "skip0"),
-            f"unknown pe_layers {self.pe_layers!r}: choose 'none', 'all' or 'skip0'",
-        )
-        for name in ("pe_input", "pe_hierarchical", "qkv_bias"):
-            check(
-                isinstance(getattr(self, name), bool),
-                f"{name} must be True or False, got {getattr(self, name)!r}",
+        for name, allowed in (("pool", "cls gap"), ("pe_layers", "none all skip0"), ("init", "deit cct")):
+            if getattr(self, name) not in allowed.split():
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}: choose one of {allowed}")
+        if self.img_size % self.patch_size or self.dim % self.heads:
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}, "
+                f"and dim {self.dim} a multiple of heads {self.heads}"
             )
         k = self.last_pe
-        if k is not None:
-            check(
-                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < self.depth,
-                f"last_pe must be None or a layer index 0..{self.depth - 1}, got {k!r}",
-            )
-            check(
-                k == 0 or k in self.pe_layer_ids,
+        if k is not None and k != 0 and k not in self.pe_layer_ids:
+            raise ValueError(
                 f"last_pe={k} names pos_{k}, but layer {k} receives no PE (pe_layers={self.pe_layers!r}): "
-                f"use 0 (the raw PE) or a layer in {self.pe_layer_ids}",
+                f"use 0 (the raw PE) or a layer in {self.pe_layer_ids}"
             )
-            check(
-                self.pool == "gap",
+        if k is not None and self.pool != "gap":
+            raise ValueError(
                 "the Last-LN PE (Eq. 11, MPVG) needs pool='gap': the paper's Conclusion states MPVG "
-                "is incompatible with the class token",
+                "is incompatible with the class token"
             )
-        for name in ("drop_path", "attn_drop"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, (int, float)) and 0 <= value < 1, f"{name} must be in [0, 1), got {value!r}"
-            )
-
-    @classmethod
-    def from_dict(cls, saved: dict) -> Config:
-        """The Config of a checkpoint's model_config, naming the fields this file lacks, if any."""
-        unknown = sorted(set(saved) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"the checkpoint's model_config has fields this mpvg.py lacks ({', '.join(unknown)}): "
-                             f"use the mpvg.py that wrote it")  # fmt: skip
-        return cls(**saved)
 
     @property
     def num_patches(self) -> int:  # N
@@ -208,11 +171,15 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Layer l: a pre-norm transformer block whose MSA input may also get the layer's PE."""
+    """Layer l: a pre-norm transformer block whose MSA input may also get the layer's PE.
 
-    def __init__(self, cfg: Config, drop_path: float, receives_pe: bool):
+    Every preset uses this block, as the paper's Eqs. (2)-(3) write it. Compact Transformers' own
+    ViT-Lite block differs: it normalises the residual stream after attention (same parameter count).
+    """
+
+    def __init__(self, cfg: Config, drop_prob: float, receives_pe: bool):
         super().__init__()
-        self.drop_path = drop_path
+        self.drop_prob = drop_prob  # this layer's stochastic depth
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # LN_l
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the MLP's pre-norm, LN'_l of Eq. (3)
@@ -225,16 +192,12 @@ class Block(nn.Module):
         h = self.norm1(x)
         if pos is not None:
             h = h + pos  # Eq. (6): LN_l(x_l) + LN'_l(pos_l); Eq. (9): LN_l(x_l) + LN'_l(pos_{l-1})
-        x = x + drop_path(self.attn(h), self.drop_path, self.training)  # x'_l: Eq. (2), or (6)/(9) with PE
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # Eq. (3): x_{l+1}
+        x = x + drop_path(self.attn(h), self.drop_prob, self.training)  # x'_l: Eq. (2), or (6)/(9)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)  # Eq. (3): x_{l+1}
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, cfg: Config):
-        if not isinstance(cfg, Config):
-            raise TypeError(
-                f"VisionTransformer takes a Config, got {type(cfg).__name__}: or use create_model"
-            )
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
@@ -246,9 +209,9 @@ class VisionTransformer(nn.Module):
             Block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the Last LN, Eq. (4)
-        self.norm_pe = (
-            nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.last_pe is not None else None
-        )  # Eq. (11)
+        # Eq. (11) writes LN(pos_0) beside LN(x_{L+1}); it gets a LayerNorm of its own, not the Last LN's:
+        # Tables 1-2 count 2D more parameters for MPVG than for PVG.
+        self.last_pe_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if cfg.last_pe is not None else None
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.init_weights()
 
@@ -292,19 +255,6 @@ class VisionTransformer(nn.Module):
             received.append(pos)
         return received
 
-    def check_input(self, img: torch.Tensor):
-        if not isinstance(img, torch.Tensor) or not img.is_floating_point():
-            raise TypeError(
-                f"expected a float tensor of normalised images, got {getattr(img, 'dtype', type(img).__name__)}: "
-                f"convert uint8 pixels with img.float() / 255 and normalise them as in training"
-            )
-        cfg, shape = self.cfg, tuple(img.shape)
-        if img.ndim != 4 or shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ValueError(
-                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {shape}: "
-                f"this model was built for img_size={cfg.img_size}, in_chans={cfg.in_chans}"
-            )
-
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> y, the Last LN's output tokens (B, N, D).
 
@@ -312,8 +262,12 @@ class VisionTransformer(nn.Module):
         x_l entering each layer (B, N, D); `pos`, the PE each layer received (1, N, D) or None;
         `pre_norm`, x_{L+1} before the Last LN; `post_norm`, y after it (Eq. 11 included).
         """
-        self.check_input(img)
         cfg = self.cfg
+        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+                f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
+            )
         x = self.patch_embed(img)  # [p^1; ...; p^N], (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
@@ -325,9 +279,9 @@ class VisionTransformer(nn.Module):
             tokens.append(x)
             x = block(x, pos_l)  # Eqs. (2)-(3), with (6) or (9) where pos_l is given
         y = self.norm(x)  # Eq. (4): y = LN(x_{L+1})
-        if self.norm_pe is not None:
+        if self.last_pe_norm is not None:
             pos_k = self.pos_embed if cfg.last_pe == 0 else pos[cfg.last_pe]  # Table 5: pos_k
-            y = y + self.norm_pe(pos_k)  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
+            y = y + self.last_pe_norm(pos_k)  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
         if trace is not None:
             trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
         return y
@@ -346,70 +300,13 @@ def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
     """A model from a preset of PRESETS, with any Config field overridden, e.g. pe="mpvg"."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(Config)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown model option(s) {', '.join(unknown)}: known are {', '.join(sorted(known))}"
-        )
     return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
 
 
 def load_model(checkpoint, map_location="cpu") -> VisionTransformer:
-    """The model of a train.py checkpoint (best.pt or checkpoint.pt: a path, or the loaded dict), with its
-    weights, in eval mode."""
-    state = (
-        checkpoint
-        if isinstance(checkpoint, dict)
-        else torch.load(checkpoint, map_location, weights_only=True)
-    )
-    if not (isinstance(state, dict) and isinstance(state.get("model_config"), dict) and "model" in state):
-        raise ValueError("load_model takes a checkpoint of train.py (a path, or its dict with 'model' and "
-                         "'model_config'); for other weights build the model and call load_state_dict")  # fmt: skip
-    model = VisionTransformer(Config.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    """The model of a train.py checkpoint (its path, or the loaded dict), with its weights, in eval mode."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location, weights_only=True)
+    model = VisionTransformer(Config(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
     return model.eval()
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson's correlation coefficient over all entries of two tensors of one shape."""
-    a, b = a.flatten().double(), b.flatten().double()
-    a, b = a - a.mean(), b - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
-
-
-@torch.no_grad()
-def analyse(model: VisionTransformer, images: torch.Tensor) -> dict:
-    """What the paper's analysis reads, from one traced forward over a batch of images.
-
-    fig2_tokens[l], fig2_pos[l]: LN_l(x_l) averaged over the batch, and the PE layer l received
-        (both after their LayerNorms, as they enter the MSA), (N, D) each; pos None where none.
-    fig4_correlation[l]: Pearson's r between those two heatmaps (Figs. 2b and 4); None without PE.
-    last_ln: the Last LN's beta and gamma variances (population) and the cosine similarity of the
-        pooled representation (class token, or token mean) before and after it, Eq. (11) included,
-        each averaged over the batch first (Appendix, Fig. 6).
-    fig7_norms_pre, fig7_norms_post: per-patch-token L2 norms before and after the Last LN,
-        (B, H/P, W/P) (Appendix, Fig. 7).
-    """
-    model.eval()
-    trace = {}
-    model.forward_features(images, trace=trace)
-    tokens = [block.norm1(x).mean(dim=0) for block, x in zip(model.blocks, trace["tokens"])]
-    pos = [None if p is None else p[0] for p in trace["pos"]]
-    pre, post = trace["pre_norm"], trace["post_norm"]
-    grid = model.cfg.img_size // model.cfg.patch_size
-    patch_norms = lambda t: t[:, t.shape[1] - grid * grid :].norm(dim=-1).unflatten(1, (grid, grid))  # noqa: E731
-    return dict(
-        fig2_tokens=tokens,
-        fig2_pos=pos,
-        fig4_correlation=[None if p is None else pearson(t, p) for t, p in zip(tokens, pos)],
-        last_ln=dict(
-            beta_var=float(model.norm.bias.var(unbiased=False)),
-            gamma_var=float(model.norm.weight.var(unbiased=False)),
-            cosine=float(
-                F.cosine_similarity(model.pool(pre).mean(dim=0), model.pool(post).mean(dim=0), dim=0)
-            ),
-        ),
-        fig7_norms_pre=patch_norms(pre),
-        fig7_norms_post=patch_norms(post),
-    )
