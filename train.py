@@ -1,26 +1,29 @@
-"""Train MPVG models with plain DDP: CIFAR-100, ImageNet (any ImageFolder) or built-in data.
+"""Train MPVG models with plain DDP: CIFAR-100, ImageNet (any ImageFolder) or a built-in task.
 
-    python train.py --data synthetic --epochs 3                      # one process: a CPU or one GPU
+    python train.py --data synthetic --dim 64 --depth 4                # one process: a CPU or one GPU
     torchrun --standalone --nproc_per_node=8 train.py --data imagenet --data-path /data/imagenet \
-        --model deit_small --pe mpvg                                 # the paper's Table 1 recipe
-    python train.py --eval-only --resume runs/mpvg/best.pt          # top-1 / top-5 of a checkpoint
+        --model deit_small --pe mpvg                                   # the paper's Table 1 recipe
+    python train.py --resume auto --output-dir runs/default            # go on where a run stopped
+    python train.py --eval-only --resume runs/default/best.pt          # top-1 / top-5 of a checkpoint
 
-Every recipe value (paper Table 7, with the anchors' details) but mean and std is a flag; `--help` lists
-them. The benchmark, the analysis figures, the workshop and the device augmentation live in tools/, and
-so do the details of resuming, fine-tuning and the run's folder.
+The story, top to bottom: the recipes and the command line; the data; the model, its optimiser and
+schedule; checkpoints; the loop. A flag left out takes its recipe's value (--help lists them); a resumed
+run takes every flag from its checkpoint, and may be given anew only those of MAY_CHANGE.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
-import random
+import shlex
+import signal
 import sys
 import time
-import uuid
 from dataclasses import asdict, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -28,24 +31,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import InterpolationMode
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
-from tools import device_data, pretrained, resume
-from tools.builtin_data import builtin_datasets
-from tools.flags import HelpFormatter, boolean, fail, layer_or_none, out_of_range
-from tools.mixing import Mixing
-from tools.randaugment import RandAugment
-from tools.run_folder import FolderError, RunFolder, on_rank_0, read_checkpoint
+from training import device_data
+from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_transforms, seed_of
+from training.finetune import load_pretrained
+from training.mixing import Mixing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
 
 # Paper Table 7 with the anchors' values: facebookresearch/deit main.py (ImageNet) and
-# SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100); the README cites each row.
+# SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100); docs/training.md cites each row.
 RECIPES = {
     "deit": dict(
         model="deit_tiny", epochs=300, cooldown_epochs=0, batch_size=1024, lr=5e-4, lr_batch_scale=512,
@@ -61,7 +59,7 @@ RECIPES = {
         repeated_aug=1, crop_scale=0.8, hflip=0.5, eval_crop=1.0, interpolation="random",
         mean=CIFAR100_MEAN, std=CIFAR100_STD,
     ),
-    # The built-in position task (--data synthetic): CPU minutes, nothing that moves or mixes pixels.
+    # The built-in task (--data synthetic): CPU minutes, and nothing that moves or mixes pixels.
     "synthetic": dict(
         model="vit_lite_7_4", epochs=10, cooldown_epochs=0, batch_size=64, lr=1e-3, lr_batch_scale=0,
         min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=1, weight_decay=0.05, decay_pos_embed=False,
@@ -70,334 +68,244 @@ RECIPES = {
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
     ),
 }  # fmt: skip
-
-MODEL_FLAGS = [  # flag dest -> Config field; None on the command line means "from the preset"
-    "pe", "pool", "pe_input", "pe_layers", "pe_hierarchical", "last_pe",
-    "img_size", "patch_size", "dim", "depth", "heads",
-]  # fmt: skip
+DEFAULTS = dict(  # every other flag's default; the model flags default to the preset's (and --pe's) values
+    data="cifar100", data_path="./data", synthetic_size=2560, workers=min(8, os.cpu_count() or 1),
+    device_data="auto", model=None, pe="mpvg", seed=0, output_dir="runs/default", resume=None, finetune=None,
+    eval_only=False, accum_steps=1, compile=None, log_every=50,
+)  # fmt: skip
+KNOBS = "pool pe_input pe_layers pe_hierarchical last_pe img_size patch_size dim depth heads".split()
+MAY_CHANGE = set(  # what a resumed run may be given anew: where and how it runs, and for how long
+    "resume eval_only output_dir epochs data_path workers device_data accum_steps compile log_every".split()
+)
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch's
-RANGES = {  # every numeric flag's allowed values: [ and ] include the bound, ( and ) exclude it
-    "epochs": "[1, inf)", "cooldown_epochs": "[0, inf)", "warmup_epochs": "[0, inf)", "batch_size": "[1, inf)",
-    "accum_steps": "[1, inf)", "lr": "(0, inf)", "lr_batch_scale": "[0, inf)", "min_lr": "[0, inf)",
-    "warmup_lr": "[0, inf)", "weight_decay": "[0, inf)", "drop_path": "[0, 1)", "attn_drop": "[0, 1)",
-    "smoothing": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "randaug_magnitude": "[0, 10]",
-    "reprob": "[0, 1]", "repeated_aug": "[1, inf)", "crop_scale": "(0, 1]", "hflip": "[0, 1]",
-    "eval_crop": "(0, 1]", "synthetic_size": "[1, inf)", "workers": "[0, inf)", "log_every": "[1, inf)",
-    "seed": "[0, 4294967296)",  # 2 ** 32: the seeds derived from it stay within torch's 64 bits
-}  # fmt: skip
+DATA = {"cifar100": "cifar", "imagenet": "deit", "synthetic": "synthetic"}  # each data set's recipe
+ON_OFF = ["auto", "on", "off"]
+TIMEOUT = timedelta(minutes=2)  # the longest a process waits for another (one that died outside torchrun)
 
 
-class DataError(Exception):
-    """A training image that cannot be read; raised in a loader worker, reported in one line."""
+def is_rank_0() -> bool:
+    return os.environ.get("RANK", "0") == "0"  # torchrun's; a single process is rank 0
 
 
-# Command line
+def fail(message: str, every_rank: bool = False):
+    """A user's error: one line, no traceback, from rank 0 alone unless only this rank met it."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}" if every_rank or is_rank_0() else 1)
 
 
-def add_data_flags(p: argparse.ArgumentParser, default: str = "cifar100"):
-    g = p.add_argument_group("data")
-    g.add_argument("--data", choices=["cifar100", "imagenet", "synthetic", "noise"], default=default,
-                   help="synthetic: a built-in task that only position solves; noise: random images and "
-                        "labels (for benchmarks)")  # fmt: skip
-    g.add_argument("--data-path", default="./data", help="CIFAR-100 root, or a folder with train/ and val/")
-    g.add_argument("--synthetic-size", type=int, default=2560, help="training images of synthetic and noise")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="loader workers per rank: min(8, CPU cores)")  # fmt: skip
-    g.add_argument("--device-data", choices=["auto", "on", "off"], default="auto",
-                   help="hold the data set on the device as uint8 and augment whole chunks there "
-                        "(fixed-size sets; auto: on for cifar100 on CUDA)")  # fmt: skip
+# The command line
 
 
-def add_model_flags(
-    p: argparse.ArgumentParser, unset="the preset's value, or the checkpoint's on --resume", pe="mpvg"
-):
-    g = p.add_argument_group(f"model (unset: {unset})")
-    models = ", ".join(f"{r}: {RECIPES[r]['model']}" for r in RECIPES)
-    g.add_argument("--model", choices=list(PRESETS), default=None, help=f"preset [from --recipe; {models}]")
-    g.add_argument("--pe", choices=list(PE_MODES), default=None, help=f"PE mode [{pe}]")
-    g.add_argument("--pool", choices=["cls", "gap"], default=None, help="[from --pe]")
-    g.add_argument("--pe-input", type=boolean, default=None,
-                   help="add PE before layer 0, Eq. 1/8 [from --pe]")  # fmt: skip
-    g.add_argument("--pe-layers", choices=["none", "all", "skip0"], default=None, help="Eq. 6/9 [from --pe]")
-    g.add_argument("--pe-hierarchical", type=boolean, default=None, help="Eq. 7/10 vs Table 6 [from --pe]")
-    g.add_argument("--last-pe", type=layer_or_none, default=None,
-                   help="k of LN(pos_k), Eq. 11, or none [from --pe]")  # fmt: skip
-    for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
-        g.add_argument(name, type=int, default=None, help="[the preset's]")
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage of fifty flags above it
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_recipe_flags(p: argparse.ArgumentParser):
-    def recipe_flag(name, type, help, **kw):
-        key = name.lstrip("-").replace("-", "_")
-        values = ", ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES)
-        g.add_argument(name, type=type, default=None, help=f"{help} [from --recipe; {values}]".lstrip(), **kw)
+def typed(kind, ok, rule: str):
+    """An argparse type: the text read as `kind`, refused in one line unless ok(value) (nan never is)."""
 
-    g = p.add_argument_group("recipe (deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite; synthetic: built-in)")
-    g.add_argument("--recipe", choices=list(RECIPES), default=None,
-                   help="[deit for imagenet and DeiT models on noise; synthetic for synthetic; else cifar]")  # fmt: skip
-    recipe_flag("--epochs", int, "epochs in all, cooldown included")
-    recipe_flag("--cooldown-epochs", int, "last epochs held at --min-lr")
-    recipe_flag("--batch-size", int, "global batch, split over the ranks (and --accum-steps)")
-    recipe_flag("--lr", float, "peak learning rate, before the batch scaling")
-    recipe_flag("--lr-batch-scale", int, "lr is scaled by batch / this (0: no scaling)")
-    recipe_flag("--min-lr", float, "end of the cosine")
-    recipe_flag("--warmup-lr", float, "linear warmup starts here")
-    recipe_flag("--warmup-epochs", int, "")
-    recipe_flag("--weight-decay", float, "AdamW; never on biases and LayerNorms")
-    recipe_flag("--decay-pos-embed", boolean, "weight decay on pos_embed and cls_token too")
-    recipe_flag("--drop-path", float, "stochastic depth of the last layer")
-    recipe_flag("--attn-drop", float, "dropout on attention weights")
-    recipe_flag("--smoothing", float, "label smoothing")
-    recipe_flag("--mixup", float, "Mixup alpha (0: off)")
-    recipe_flag("--cutmix", float, "CutMix alpha (0: off); with both on, one of the two per batch")
-    recipe_flag("--randaug-magnitude", int, "timm's RandAugment rand-mM-mstd0.5-inc1, M of 10 (0: off)")
-    recipe_flag("--reprob", float, "random erasing probability, per-pixel noise")
-    recipe_flag("--repeated-aug", int, "copies of each image drawn, side by side (so almost always in one "
-                "step); an epoch stays len(dataset) samples (1: off)")  # fmt: skip
-    recipe_flag("--crop-scale", float, "smallest area of RandomResizedCrop")
-    recipe_flag("--hflip", float, "horizontal flip probability")
-    recipe_flag("--eval-crop", float, "center crop over resize at evaluation")
-    recipe_flag("--interpolation", str, "of the training crop and RandAugment (evaluation: bicubic for random)",
-                choices=["bilinear", "bicubic", "random"])  # fmt: skip
+    def parse(text: str):
+        value = kind(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: ..." names the type
+    return parse
+
+
+def boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def layer(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+COUNT = typed(int, lambda v: v >= 1, "1 or more")
+NATURAL = typed(int, lambda v: v >= 0, "0 or more")
+POSITIVE = typed(float, lambda v: 0 < v < math.inf, "positive")
+NON_NEGATIVE = typed(float, lambda v: 0 <= v < math.inf, "0 or more")
+RATE = typed(float, lambda v: 0 <= v < 1, "in [0, 1)")
+PROBABILITY = typed(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+FRACTION = typed(float, lambda v: 0 < v <= 1, "in (0, 1]")
+MAGNITUDE = typed(int, lambda v: 0 <= v <= 10, "in 0..10")
+SEED = typed(int, lambda v: 0 <= v < 2**32, "in 0..2**32 - 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    about = ("Train or evaluate ViT/DeiT with the paper's PE modes. On --resume, a flag not given takes the "
-             "checkpoint's value, not the default shown, except --workers, --compile and --log-every.")  # fmt: skip
-    p = argparse.ArgumentParser(description=about, formatter_class=HelpFormatter, allow_abbrev=False)
-    add_data_flags(p)
-    add_model_flags(p)
-    add_recipe_flags(p)
+    about = (
+        "Train or evaluate ViT/DeiT with the paper's PE modes. [...]: the default, or each recipe's value. "
+        "A resume takes every flag from its checkpoint; of them it may be given anew only --epochs, "
+        "--output-dir, --data-path, --workers, --device-data, --accum-steps, --compile and --log-every."
+    )
+    p = Parser(description=about, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+
+    def add(group, name: str, help: str, **kw):  # the help ends in the default, or in each recipe's value
+        key = name[2:].replace("-", "_")
+        shown = "; ".join(f"{r}: {RECIPES[r][key]}" for r in RECIPES) if key in RECIPES["deit"] else None
+        shown = shown or DEFAULTS.get(key)
+        group.add_argument(name, help=f"{help} [{shown}]" if shown is not None else help, **kw)
+
+    g = p.add_argument_group("data")
+    add(g, "--data", "synthetic: built in; only position solves it", choices=list(DATA))
+    add(g, "--data-path", "where CIFAR-100 is (or is downloaded to), or a folder with train/ and val/")
+    add(g, "--synthetic-size", "training images of --data synthetic, a fifth as many to validate", type=COUNT)
+    add(g, "--workers", "loader workers per process: min(8, CPU cores)", type=NATURAL)
+    add(g, "--device-data", "on the device, augmented there (auto: cifar100 on a GPU)", choices=ON_OFF)
+    g = p.add_argument_group("model (left out: the preset's value, or the --pe mode's)")
+    add(g, "--model", "preset [from --recipe]", choices=list(PRESETS))
+    add(g, "--pe", "PE mode", choices=list(PE_MODES))
+    add(g, "--pool", "class token or global average pooling", choices=["cls", "gap"])
+    add(g, "--pe-input", "add PE before layer 0, Eq. 1/8 (true, false)", type=boolean)
+    add(g, "--pe-layers", "the layers whose MSA input gets PE, Eq. 6/9", choices=["none", "all", "skip0"])
+    add(g, "--pe-hierarchical", "pos_l = LN'_l(pos_{l-1}), Eq. 7/10 (false: Table 6)", type=boolean)
+    add(g, "--last-pe", "k of LN(pos_k) at the Last LN, Eq. 11, or none", type=layer)
+    for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
+        add(g, name, "", type=COUNT)
+    g = p.add_argument_group("recipe (deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite; synthetic: built in)")
+    add(g, "--recipe", "[deit for imagenet, synthetic for synthetic, else cifar]", choices=list(RECIPES))
+    add(g, "--epochs", "epochs in all, cooldown included", type=COUNT)
+    add(g, "--cooldown-epochs", "last epochs held at --min-lr", type=NATURAL)
+    add(g, "--batch-size", "global batch, split over the processes (and --accum-steps)", type=COUNT)
+    add(g, "--lr", "peak learning rate, before the batch scaling", type=POSITIVE)
+    add(g, "--lr-batch-scale", "lr is scaled by batch / this (0: no scaling)", type=NATURAL)
+    add(g, "--min-lr", "end of the cosine", type=NON_NEGATIVE)
+    add(g, "--warmup-lr", "linear warmup starts here", type=NON_NEGATIVE)
+    add(g, "--warmup-epochs", "", type=NATURAL)
+    add(g, "--weight-decay", "AdamW's; never on biases and LayerNorms", type=NON_NEGATIVE)
+    add(g, "--decay-pos-embed", "weight decay on pos_embed and cls_token too", type=boolean)
+    add(g, "--drop-path", "stochastic depth of the last layer", type=RATE)
+    add(g, "--attn-drop", "dropout on attention weights", type=RATE)
+    add(g, "--smoothing", "label smoothing", type=RATE)
+    add(g, "--mixup", "Mixup alpha (0: off)", type=NON_NEGATIVE)
+    add(g, "--cutmix", "CutMix alpha (0: off); with both on, one of the two per batch", type=NON_NEGATIVE)
+    add(g, "--randaug-magnitude", "timm's RandAugment rand-mM-mstd0.5-inc1 (0: off)", type=MAGNITUDE)
+    add(g, "--reprob", "random erasing probability, per-pixel noise", type=PROBABILITY)
+    add(g, "--repeated-aug", "copies of each image drawn, side by side (1: off)", type=COUNT)
+    add(g, "--crop-scale", "smallest area of RandomResizedCrop", type=FRACTION)
+    add(g, "--hflip", "horizontal flip probability", type=PROBABILITY)
+    add(g, "--eval-crop", "center crop over resize at evaluation", type=FRACTION)
+    add(g, "--interpolation", "of the crop and RandAugment", choices=["bilinear", "bicubic", "random"])
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
-    g.add_argument("--output-dir", default="runs/default", help="checkpoints and metrics.jsonl of one run")
-    g.add_argument("--resume", default=None,
-                   help="continue a run from its checkpoint: a path (the run's own folder is written), or "
-                        "auto: the newest in --output-dir")  # fmt: skip
-    g.add_argument("--finetune", default=None, metavar="CKPT",
-                   help="start a new run from these weights (train.py's, DeiT's or timm's): a new head "
-                        "for another class count, pos_embed resized to --img-size")  # fmt: skip
-    g.add_argument("--eval-only", action="store_true", help="evaluate the --resume checkpoint and stop")
-    g.add_argument("--accum-steps", type=int, default=1, help="micro-batches per step: the same update as "
-                   "the whole --batch-size at once, in less memory")  # fmt: skip
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the model, in this mode (reduce-overhead: CUDA graphs)")  # fmt: skip
-    g.add_argument("--log-every", type=int, default=20, help="steps between progress updates")
+    add(g, "--seed", "initialisation, data order and augmentation", type=SEED)
+    add(g, "--output-dir", "the run's checkpoints and metrics.jsonl")
+    add(g, "--resume", "go on with a run: the newest checkpoint in --output-dir (auto), or PATH")
+    add(g, "--finetune", "start a new run from these weights (train.py's, DeiT's or timm's)", metavar="CKPT")
+    add(g, "--eval-only", "evaluate the --resume checkpoint and stop", action="store_true")
+    add(g, "--accum-steps", "micro-batches per step: the same update in less memory", type=COUNT)
+    add(g, "--compile", "torch.compile the model", nargs="?", const="default", choices=COMPILE_MODES)
+    add(g, "--log-every", "steps between progress lines (each waits for the device)", type=COUNT)
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    path = resume.checkpoint_to_resume(args)  # None for a new run
-    state = load_checkpoint(path) if path else None
-    if state:  # a resumed run is the same run: what the command line does not give again comes from it
-        if not args.eval_only:  # an evaluation builds no optimizer: it may change these
-            resume.check_unchanged(args, state, path)
-        own = {} if args.resume == "auto" else dict(output_dir=str(path.parent))  # not runs/default
-        args = resume.inherit(p, argv, state, INHERITED, **own)
-    args.resume_path, args.resume_state = path, state
-    return resolve_recipe(args)
+    """The run's flags, layered: the defaults, the recipe's values (on a resume: the checkpoint's flags),
+    then the command line's. A resume may not change a flag outside MAY_CHANGE, write outside its run's
+    folder, or write an older checkpoint over its run's newer one."""
+    given = vars(build_parser().parse_args(argv))
+    if "" in (given.get("resume"), given.get("finetune")):
+        fail("--resume or --finetune got an empty path (is a shell variable unset?)")
+    if "resume" in given and "finetune" in given:
+        fail("--resume goes on with a run and --finetune starts a new one: give one of them")
+    out, resume = Path(given.get("output_dir", DEFAULTS["output_dir"])), given.get("resume")
+    evaluating = given.get("eval_only", False)
+    path = out / "checkpoint.pt" if resume == "auto" else resume and Path(resume)
+    if not path or (resume == "auto" and not path.exists()):
+        if evaluating:
+            fail("--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir")
+        if resume and is_rank_0():
+            print(f"--resume auto: no checkpoint in {out}, starting a new run")
+        recipe = given.get("recipe") or DATA[given.get("data", DEFAULTS["data"])]
+        return argparse.Namespace(**DEFAULTS | RECIPES[recipe] | given | dict(recipe=recipe, resume=None))
+    saved, newest = load_checkpoint(path, mmap=True), path.parent / "checkpoint.pt"
+    for key in (k for k, v in given.items() if k not in MAY_CHANGE and v != saved["args"].get(k)):
+        fail(f"--{key.replace('_', '-')} differs from the checkpoint's, which a resume keeps: drop it")
+    if not evaluating and "output_dir" in given and out.resolve() != path.parent.resolve():
+        fail(f"a resume writes into its run's own folder, {path.parent}: drop --output-dir")
+    if not evaluating and newest.exists() and load_checkpoint(newest, mmap=True)["epoch"] > saved["epoch"]:
+        fail(f"{newest} holds a newer epoch than {path}, which a resume would write over: resume from it")
+    return argparse.Namespace(**saved["args"] | given | {"output_dir": str(path.parent), "resume": str(path)})
 
 
-INHERITED = {"data", "data_path", "synthetic_size", "device_data", "recipe", "seed", "accum_steps",
-             *(k for k in RECIPES["deit"] if k != "model")}  # fmt: skip
+# The data
 
 
-def resolve_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """The recipe's value for every recipe flag left unset, then every number checked."""
-    if args.recipe is None:
-        deit = args.data == "imagenet" or (args.data == "noise" and (args.model or "").startswith("deit"))
-        args.recipe = "synthetic" if args.data == "synthetic" else "deit" if deit else "cifar"
-    for key, value in RECIPES[args.recipe].items():
-        if key != "model" and getattr(args, key, None) is None:  # the model: see model_config
-            setattr(args, key, value)
-    if problem := out_of_range(args, RANGES):
-        fail(problem)
-    return args
-
-
-# Data
-
-
-class Augmented(Dataset):
-    """A data set with a random transform whose randomness depends only on (seed, epoch, index, copy).
-
-    The samplers below pass (index, epoch, copy): each image gets the same augmentation whatever the
-    number of ranks or loader workers, so a resumed run and a run on more GPUs see exactly the same
-    data; the copies of repeated augmentation each get their own.
-    """
-
-    def __init__(self, dataset: Dataset, transform, seed: int):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        index, epoch, copy = key if isinstance(key, tuple) else (key, 0, 0)  # a plain index: evaluation
-        try:
-            img, label = self.dataset[index]
-        except Exception as e:  # a corrupt, truncated or non-image file: name it
-            where = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}"
-            raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); delete or replace it") from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(
-                (((self.seed * 1_000_003 + epoch) * 101 + copy) * 1_000_000_007 + index) % 2**63
-            )
-            return self.transform(img), label
-
-
-class EpochSampler(Sampler):
-    """Each epoch's shuffled order (seed + epoch), dealt to the ranks in turn, as (index, epoch, copy).
-    With repeats > 1 it is DeiT's repeated augmentation (its RASampler, on any number of processes): each
-    image drawn appears `repeats` times, each copy with its own augmentation, side by side in the order and
-    so in the same global step unless a step boundary falls between them. An epoch keeps len(dataset)
-    samples, so it draws len(dataset) / repeats images, the last partial round dropped (DeiT also rounds it
-    down to a multiple of 256; we do not). With repeats = 1 this is torch's DistributedSampler with shuffle
-    and drop_last, to the index."""
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, repeats: int = 1):
-        self.n, self.world, self.rank, self.repeats, self.seed, self.epoch = (
-            len(dataset), num_replicas, rank, repeats, seed, 0,
-        )  # fmt: skip
-        self.num_samples = self.n // num_replicas
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return self.num_samples
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).repeat_interleave(self.repeats)
-        copy = torch.arange(len(order)) % self.repeats  # which of the repeats: each its own augmentation
-        mine = torch.arange(self.rank, len(order), self.world)[: self.num_samples]
-        return ((int(order[k]), self.epoch, int(copy[k])) for k in mine)
-
-
-def build_transforms(args: argparse.Namespace, img_size: int):
-    """The recipe's per-image training and evaluation transforms (timm's order), on uint8 tensors;
-    both end in plain tensors (no tv_tensors subclass reaches the model)."""
-    mode = lambda name: getattr(InterpolationMode, name.upper())  # noqa: E731
-    crops = [v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=mode(m))
-             for m in (("bilinear", "bicubic") if args.interpolation == "random" else (args.interpolation,))]  # fmt: skip
-    train = [v2.ToImage(), v2.ToPureTensor(), v2.RandomChoice(crops), v2.RandomHorizontalFlip(args.hflip)]
-    if args.randaug_magnitude > 0:
-        train.append(RandAugment(args.randaug_magnitude, args.mean, args.interpolation))
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std)]
-    train += tail
-    if args.reprob > 0:
-        train.append(v2.RandomErasing(args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
-    resize = v2.Resize(int(img_size / args.eval_crop), mode(args.interpolation.replace("random", "bicubic")))
-    val = [v2.ToImage(), v2.ToPureTensor(), resize, v2.CenterCrop(img_size), *tail]
-    return v2.Compose(train), v2.Compose(val)
-
-
-def build_datasets(args: argparse.Namespace, img_size: int, noise_classes: int):
-    """(train, val, num_classes), each set without transforms."""
+def build_datasets(args, img_size: int) -> tuple[Dataset, Dataset]:
+    """The training and validation sets, untransformed; each lists its `classes` and `targets`."""
     root = Path(args.data_path)
-    if args.data in ("synthetic", "noise"):
-        try:
-            return builtin_datasets(args.data, args.synthetic_size, img_size, noise_classes, args.seed)
-        except ValueError as e:
-            fail(str(e))
-    if args.data == "cifar100":
-        try:
-            train = torchvision.datasets.CIFAR100(root, train=True, download=True)
-            val = torchvision.datasets.CIFAR100(root, train=False, download=True)
-        except Exception as e:  # offline, a half-downloaded archive, no permission, ...
-            fail(f"could not load CIFAR-100 under --data-path {root} ({type(e).__name__}: {e}); put "
-                 f"cifar-100-python/ there (or allow the download), or use --data synthetic")  # fmt: skip
-        return train, val, 100
     try:
+        if args.data == "synthetic":
+            size = args.synthetic_size
+            return PlusSigns(size, img_size, args.seed), PlusSigns(max(size // 5, 1), img_size, args.seed + 1)
+        if args.data == "cifar100":
+            return tuple(torchvision.datasets.CIFAR100(root, train=t, download=True) for t in (True, False))
         train, val = (torchvision.datasets.ImageFolder(root / split) for split in ("train", "val"))
-    except OSError as e:  # no such folder, no class folders, no images in one, no permission
-        fail(f"--data imagenet expects {root}/train/ and {root}/val/, one folder of images per class ({e}); "
-             f"check --data-path")  # fmt: skip
+    except Exception as e:  # offline, a half-downloaded archive, no such folder, no images in one, ...
+        fail(f"cannot load --data {args.data} from {root} ({type(e).__name__}: {e}); see --data-path")
     if train.classes != val.classes:
         fail(f"{root}/train and {root}/val hold different class folders; they must match")
-    return train, val, len(train.classes)
+    return train, val
 
 
 def chance(train_set, val_set) -> float:
-    """Validation top-1 of always answering the training set's commonest class, in percent (what a model
-    that learnt nothing but the label frequencies scores; the validation set's own commonest would be an
-    oracle)."""
+    """Validation top-1 of always answering the training set's commonest class, in percent."""
     commonest = torch.bincount(torch.tensor(train_set.targets)).argmax()
     return 100 * (torch.tensor(val_set.targets) == commonest).float().mean().item()
 
 
-def make_loaders(args, train_set, val_set, img_size: int, batch: int, device):
-    """Training and validation loaders of `batch` images per rank: DataLoader workers by default; with
-    --device-data, the whole set as uint8 on the device and the augmentations batched there."""
-    rank, world = args.rank, args.world
+def make_loaders(args, train_set, val_set, img_size: int, batch: int, device, rank: int, world: int):
+    """Loaders of `batch` images per process (the training one's sampler an EpochSampler): DataLoader
+    workers by default; with --device-data, the whole set as uint8 on the device, augmented there."""
     train_tf, val_tf = build_transforms(args, img_size)
-    sampler = EpochSampler(train_set, world, rank, args.seed, repeats=args.repeated_aug)
-    if device_data.wanted(args, device):
-        train, val = device_data.loaders(args, train_set, val_set, sampler, img_size, batch, val_tf, device)
-        return train, val, sampler
-    train_set, val_set = Augmented(train_set, train_tf, args.seed), Augmented(val_set, val_tf, args.seed)
-    seeds = torch.Generator().manual_seed(args.seed)  # the workers': not from the global RNG (dropout, Mixup)
-    workers = dict(num_workers=args.workers, prefetch_factor=4 if args.workers else None, generator=seeds,
-                   persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")  # fmt: skip
-    train = DataLoader(train_set, batch_size=batch, sampler=sampler, drop_last=True, **workers)
-    shard = Subset(val_set, range(rank, len(val_set), world))  # every image once, none padded
-    val = DataLoader(shard, batch_size=batch, shuffle=False, **workers)
-    return train, val, sampler
+    sampler = EpochSampler(len(train_set), world, rank, args.seed, args.repeated_aug)
+    shard = range(rank, len(val_set), world)  # every validation image once, on one process
+    auto = args.data == "cifar100" and device.type == "cuda"
+    if args.device_data == "on" or (args.device_data == "auto" and auto):
+        if args.data == "imagenet":
+            fail("--device-data holds sets of one image size (cifar100, synthetic): use --device-data off")
+        return device_data.loaders(args, train_set, val_set, sampler, shard, img_size, batch, val_tf, device)
+    seeds = torch.Generator().manual_seed(args.seed)  # the workers' own, not drawn from the global RNG
+    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, generator=seeds)
+    kw |= dict(prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
+    train = Augmented(train_set, train_tf, args.seed)
+    train = DataLoader(train, batch, sampler=sampler, drop_last=True, **kw)
+    return train, DataLoader(Subset(Augmented(val_set, val_tf, args.seed), shard), batch, **kw)
 
 
-# Model, optimiser and schedule
+# The model, its optimiser and schedule
 
 
-def model_config(args, saved: dict | None = None, strict: bool = True) -> Config:
-    """The model this run asks for. From a checkpoint's config, what the flags leave unset comes from it;
-    what they set must equal it on resume (strict) and replaces it on --finetune. (num_classes is the
-    preset's until the data set is known.)"""
-    explicit = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
-    if explicit.get("last_pe") == "none":
-        explicit["last_pe"] = None
-    if saved is None:
-        fields = {**PRESETS[args.model or RECIPES[args.recipe]["model"]], "pe": "mpvg", **explicit}
-    else:
-        wanted = {**(PRESETS[args.model] if args.model else {}), **explicit}
-        wanted.pop("num_classes", None)  # checked against the data set instead
-        if "pe" in wanted and wanted["pe"] != saved["pe"]:  # a new mode re-derives the knobs left unset
-            wanted = {**PE_MODES[wanted["pe"]], **wanted}
-        diffs = [f"{k}={saved[k]!r} there but {v!r} here" for k, v in wanted.items() if saved.get(k) != v]
-        if strict and diffs:
-            fail(f"the checkpoint was trained with another model: {'; '.join(diffs)}. Resume with the "
-                 f"checkpoint's settings, or start a new run in another --output-dir")  # fmt: skip
-        fields = {**saved, **wanted}
+def model_config(args) -> Config:
+    """The model the flags ask for: the preset, its knobs set by --pe, then the model flags given."""
+    knobs = dict(pe=args.pe, drop_path=args.drop_path, attn_drop=args.attn_drop)
+    knobs |= {k: getattr(args, k) for k in KNOBS if hasattr(args, k)}  # the model flags given
     try:
-        return Config.from_dict({**fields, "drop_path": args.drop_path, "attn_drop": args.attn_drop})
-    except ValueError as e:  # Config's own checks: say it in one line, as for any flag
+        return Config(**PRESETS[args.model] | knobs)
+    except ValueError as e:  # Config's own checks, said in one line as for any flag
         fail(str(e))
 
 
-def build_optimizer(model, args, lr: float, device: torch.device):
+def build_optimizer(model, args, device: torch.device):
     """AdamW, no weight decay on biases and LayerNorms (all 1-D parameters, as timm's optimizer factory),
     nor on pos_embed and cls_token unless --decay-pos-embed (DeiT exempts them, Compact Transformers not)."""
     skip = {n for n, p in model.named_parameters() if p.ndim <= 1}
-    if not args.decay_pos_embed:
-        skip |= set(model.no_weight_decay())
-    params = list(model.named_parameters())
+    skip |= set() if args.decay_pos_embed else model.no_weight_decay()
+    named = list(model.named_parameters())
     groups = [
-        dict(params=[p for n, p in params if n not in skip], weight_decay=args.weight_decay),
-        dict(params=[p for n, p in params if n in skip], weight_decay=0.0),
+        dict(params=[p for n, p in named if n not in skip], weight_decay=args.weight_decay),
+        dict(params=[p for n, p in named if n in skip], weight_decay=0.0),
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == "cuda")
-
-
-def peak_lr(args) -> float:
-    return args.lr * args.batch_size / args.lr_batch_scale if args.lr_batch_scale else args.lr
+    return torch.optim.AdamW(groups, lr=lr_at(0, args), eps=1e-8, fused=device.type == "cuda")
 
 
 def lr_at(epoch: int, args) -> float:
     """timm's per-epoch cosine schedule, as DeiT and Compact Transformers use it: linear warmup from
-    warmup_lr, cosine from the peak to min_lr over epochs - cooldown_epochs, then min_lr."""
-    peak, cosine_epochs = peak_lr(args), args.epochs - args.cooldown_epochs
+    warmup_lr, cosine from the peak to min_lr over epochs - cooldown_epochs, then min_lr. The peak is
+    --lr, scaled by batch / --lr-batch-scale unless that is 0 (DeiT: 5e-4 x batch / 512)."""
+    peak = args.lr * (args.batch_size / args.lr_batch_scale if args.lr_batch_scale else 1)
+    cosine_epochs = args.epochs - args.cooldown_epochs
     if epoch < args.warmup_epochs:
         return args.warmup_lr + epoch * (peak - args.warmup_lr) / args.warmup_epochs
     if epoch >= cosine_epochs:
@@ -406,44 +314,48 @@ def lr_at(epoch: int, args) -> float:
 
 
 def compile_model(model, mode: str | None):
-    """torch.compile in one of COMPILE_MODES with static shapes (the CUDA graphs of reduce-overhead replay
-    one shape), or the model itself when mode is None."""
+    """torch.compile with static shapes (the CUDA graphs of reduce-overhead replay one shape)."""
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False) if mode else model
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy with label smoothing, for class ids (B,) or Mixup/CutMix soft targets (B, C)."""
-    logits = logits.float()
-    if target.ndim == 1:
-        return F.cross_entropy(logits, target, label_smoothing=smoothing)
-    target = target * (1.0 - smoothing) + smoothing / logits.shape[-1]
-    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+# Checkpoints: written whole or not at all, read back as tensors and plain values only
+
+CHECKPOINT_KEYS = {"model", "model_config", "optimizer", "epoch", "args", "history", "data"}
 
 
-# Checkpoints: what one holds and how it is read (tools/run_folder.py writes them, tools/resume.py resumes)
-
-
-CHECKPOINT_KEYS = {"model", "model_config", "epoch", "optimizer", "args", "rng", "best", "run_id"}
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint of train.py (with every key of CHECKPOINT_KEYS), or one line for what is wrong with it."""
+def save(path: Path, obj):
+    """torch.save(obj) (bytes: as they are) to a temporary file, flushed to the disk, then renamed over
+    path: a crash, a kill or a full disk leaves the file before it whole."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        return read_checkpoint(Path(path), CHECKPOINT_KEYS)
-    except FolderError as e:
-        fail(str(e))
+        with open(tmp, "wb") as f:
+            f.write(obj) if isinstance(obj, bytes) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes on the disk before the rename...
+        os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        os.fsync(folder)  # ...and the rename itself
+        os.close(folder)
+    except (OSError, RuntimeError) as e:  # a full disk reaches torch.save as either
+        tmp.unlink(missing_ok=True)
+        fail(f"could not write {path} ({e}); the one before is whole: free space, then --resume auto")
 
 
-# Distributed set-up: torchrun's ranks (RANK, WORLD_SIZE and LOCAL_RANK, read in main), or one process
+def load_checkpoint(path: Path, keys=CHECKPOINT_KEYS, mmap: bool = False) -> dict:
+    """A checkpoint, loaded with weights_only=True (so no pickled code runs), that holds every key of
+    `keys`, or one line that says why not. mmap: its tensors are read only where they are used."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # no such file, a folder, no permission, cut short, not torch's, pickled objects
+        why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        fail(f"cannot read checkpoint {path} ({why}): pass a file of tensors from train.py, DeiT or timm")
+    if not isinstance(ckpt, dict) or not keys <= set(ckpt):
+        held = f"no {', '.join(sorted(keys - set(ckpt)))}" if isinstance(ckpt, dict) else type(ckpt).__name__
+        fail(f"{path} is not a checkpoint of train.py ({held}): pass its checkpoint.pt or best.pt")
+    return ckpt
 
 
-def pick_device(local_rank: int = 0) -> torch.device:
-    """This rank's GPU where there is one, else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    return device
+# The loop
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -452,12 +364,9 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# Training and evaluation
-
-
 @torch.no_grad()
-def evaluate(model, loader, device, amp: bool, batch: int | None = None) -> dict:
-    """Loss, top-1 and top-5 over every validation image of every rank. With `batch`, a short last batch
+def evaluate(model, loader, device, batch: int | None = None) -> dict:
+    """Loss, top-1 and top-5 over every validation image of every process. With `batch`, a short last batch
     is padded to that size and the padding ignored, so a compiled model sees one shape."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
@@ -466,7 +375,7 @@ def evaluate(model, loader, device, amp: bool, batch: int | None = None) -> dict
         n = len(target)
         if batch and n < batch:
             img = torch.cat([img, img[:1].expand(batch - n, *img.shape[1:])])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(img)[:n]
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == target[:, None]
         loss = F.cross_entropy(logits.float(), target, reduction="sum")
@@ -476,17 +385,17 @@ def evaluate(model, loader, device, amp: bool, batch: int | None = None) -> dict
     return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
 
 
-def train_step(model, optimizer, micro_batches, smoothing: float, amp: bool) -> torch.Tensor:
+def train_step(model, optimizer, micro_batches, smoothing: float) -> torch.Tensor:
     """One optimizer step over one or more micro-batches [(img, target)]: the gradient of their mean loss,
-    exactly as one batch of them all (no BatchNorm here). DDP syncs gradients on the last one only."""
-    last = len(micro_batches) - 1
+    exactly as one batch of them all (no BatchNorm here); DDP syncs gradients on the last one only.
+    Targets are class ids (B,) or Mixup's soft targets (B, C): cross_entropy smooths either as timm."""
     total = 0.0
     for i, (img, target) in enumerate(micro_batches):
-        sync = model.no_sync() if i < last and isinstance(model, DDP) else contextlib.nullcontext()
-        with sync:
-            with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=amp):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.is_cuda):  # bf16 on a GPU
                 logits = model(img)
-            loss = soft_cross_entropy(logits, target, smoothing) / len(micro_batches)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing) / len(micro_batches)
             loss.backward()
         total = total + loss.detach()
     optimizer.step()
@@ -494,160 +403,156 @@ def train_step(model, optimizer, micro_batches, smoothing: float, amp: bool) -> 
     return total
 
 
-def train_one_epoch(model, loader, optimizer, mixing, args, epoch, device, amp) -> dict:
+def check_finite(loss: float, where: str):
+    if not math.isfinite(loss):
+        fail(f"the loss became {loss} in {where}; stopped before saving it. Lower --lr, then --resume auto")
+
+
+def train_one_epoch(model, loader, optimizer, mixing, args, epoch: int, device, world: int):
+    """One epoch; returns its mean training loss over every process, and images per second."""
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen, start, steps = 0, time.perf_counter(), len(loader) // args.accum_steps
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=True if args.rank else None,
-               leave=False, dynamic_ncols=True)  # fmt: skip
-    batches, step = [], 0
+    loss_sum, seen, start = torch.zeros((), device=device, dtype=torch.float64), 0, time.perf_counter()
+    batches, step, steps = [], 0, len(loader) // args.accum_steps
     for img, target in loader:
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        batches.append(mixing(img, target) if mixing is not None else (img, target))
+        batches.append(mixing(img, target) if mixing else (img, target))
         if len(batches) < args.accum_steps:
             continue
-        loss = train_step(model, optimizer, batches, args.smoothing, amp)
-        loss_sum += loss * sum(len(b[0]) for b in batches)
-        seen += sum(len(b[0]) for b in batches) * args.world
-        batches, step = [], step + 1
-        bar.update()
-        if step % args.log_every == 0:  # the only host-device syncs of the loop
-            current = all_reduce(loss.clone()).item() / args.world
-            check_finite(current, epoch, step, args)
-            bar.set_postfix(loss=f"{current:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}")  # fmt: skip
-    bar.close()
-    seconds = time.perf_counter() - start
-    total = all_reduce(
-        torch.stack([loss_sum, torch.tensor(seen / args.world, device=device, dtype=torch.float64)])
-    )
-    train_loss = (total[0] / total[1].clamp(min=1)).item()
-    check_finite(train_loss, epoch, None, args)
-    return dict(train_loss=train_loss, images_per_sec=seen / seconds, seconds=seconds)
+        loss, n = train_step(model, optimizer, batches, args.smoothing), sum(len(b[1]) for b in batches)
+        loss_sum, seen, batches, step = loss_sum + loss * n, seen + n * world, [], step + 1
+        if step % args.log_every == 0:  # the loop's only waits for the device
+            current = all_reduce(loss.clone()).item() / world
+            check_finite(current, f"epoch {epoch + 1}, step {step}")
+            if is_rank_0():
+                rate = seen / (time.perf_counter() - start)
+                print(f"epoch {epoch + 1} step {step}/{steps}  loss {current:.4f}  {rate:.0f} img/s")
+    count = torch.tensor(seen / world, device=device, dtype=torch.float64)
+    total = all_reduce(torch.stack([loss_sum, count]))
+    return (total[0] / total[1].clamp(min=1)).item(), seen / (time.perf_counter() - start)
 
 
-def check_finite(loss: float, epoch: int, step: int | None, args):
-    if not math.isfinite(loss):
-        where = f"epoch {epoch + 1}" + (f", step {step}" if step is not None else "")
-        fail(
-            f"the training loss became {loss} at {where}; stopped without saving, so the last good checkpoint "
-            f"in {args.output_dir} is untouched. Lower --lr or check the data, then --resume auto"
+def run(args, device, rank: int, world: int):
+    out = Path(args.output_dir)
+    ckpt = load_checkpoint(Path(args.resume)) if args.resume else None
+    try:
+        cfg = Config(**ckpt["model_config"]) if ckpt else model_config(args)
+    except TypeError as e:  # a checkpoint of another mpvg.py
+        fail(f"{args.resume}'s model_config does not fit this mpvg.py ({e})")
+    train_set, val_set = build_datasets(args, cfg.img_size)
+    data = dict(train=len(train_set), val=len(val_set), classes=len(train_set.classes))
+    if ckpt and (ckpt["data"]["classes"] != data["classes"] if args.eval_only else ckpt["data"] != data):
+        fail(f"the data differ from the checkpoint's ({ckpt['data']} there, {data} here): use its data")
+    torch.manual_seed(args.seed)  # the initial weights, the same in every process
+    model = VisionTransformer(cfg := replace(cfg, num_classes=data["classes"])).to(device)
+    try:
+        if ckpt:
+            model.load_state_dict(ckpt["model"])
+        elif args.finetune:
+            notes = load_pretrained(model, load_checkpoint(Path(args.finetune), keys=set()))
+            if is_rank_0():
+                print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
+    except (RuntimeError, ValueError) as e:  # weights that do not fit (a hand-edited file, another model)
+        fail(f"{args.resume or args.finetune}: {str(e).strip().splitlines()[-1]}")
+    per_rank = args.batch_size // (world * args.accum_steps)
+    loaders = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device, rank, world)
+    train_loader, val_loader = loaders
+    compiled = compile_model(model, args.compile)
+    static = per_rank if args.compile else None  # one shape for the compiled graph
+    if args.eval_only:
+        metrics = evaluate(compiled, val_loader, device, static)
+        if is_rank_0():
+            print(f"{args.resume}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+    if len(train_loader) < args.accum_steps:
+        fail(f"{len(train_loader.sampler)} training images a process make no step: lower --batch-size")
+
+    optimizer, start, history = build_optimizer(model, args, device), 0, []
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt["epoch"] + 1, ckpt["history"]
+        del ckpt  # applied: its weights and optimizer state are not held for the rest of the run
+        if start >= args.epochs:
+            fail(f"nothing to train: the checkpoint holds epoch {start} and --epochs is {args.epochs}")
+    elif any((out / name).exists() for name in ("checkpoint.pt", "best.pt", "metrics.jsonl")):
+        fail(f"{out} holds a run's files: continue it with --resume auto, or choose another --output-dir")
+    if is_rank_0():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            fail(f"cannot make --output-dir {out} ({e.strerror}): choose a folder you can write")
+        params = sum(p.numel() for p in model.parameters())
+        print(
+            f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {world} process(es) on "
+            f"{device.type}, {len(train_set)} training images; chance: {chance(train_set, val_set):.2f}%"
         )
+    gpu = [device.index] if device.type == "cuda" else None
+    ddp = DDP(compiled, device_ids=gpu) if world > 1 else compiled
+    mixing = Mixing(args.mixup, args.cutmix, cfg.num_classes) if args.mixup > 0 or args.cutmix > 0 else None
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout, drop path, Mixup: no RNG state to keep
+        train_loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, args)
+        begin = time.perf_counter()
+        train_loss, rate = train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, world)
+        metrics = dict(epoch=epoch + 1, train_loss=train_loss)
+        metrics |= evaluate(compiled, val_loader, device, static)
+        check_finite(train_loss + metrics["val_loss"], f"epoch {epoch + 1}")
+        metrics.update(lr=lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
+        is_best = metrics["val_top1"] > max((m["val_top1"] for m in history), default=-1.0)
+        history.append(metrics)
+        if is_rank_0():  # best.pt first: checkpoint.pt never names a best epoch whose file is not there
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=data)
+            state |= dict(model_config=asdict(cfg), args=vars(args), history=history)
+            for name in ("best.pt", "checkpoint.pt") if is_best else ("checkpoint.pt",):
+                save(out / name, state)
+            save(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
+            print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    best = max(history, key=lambda m: m["val_top1"])
+    if is_rank_0():
+        print(f"best val_top1 {best['val_top1']:.2f} at epoch {best['epoch']}: {out}/best.pt")
+    return best
 
 
 def main(argv=None):
+    """Parse, join torchrun's processes (or run as one), train, and on an interrupt say what is saved."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
-    if args.batch_size % (args.world * args.accum_steps):
-        fail(f"--batch-size {args.batch_size} is not divisible by {args.world} process(es) x {args.accum_steps} "
-             f"accumulation step(s): the global batch is split evenly over them")  # fmt: skip
-    device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
-    args.progress = dict(epoch=None)  # the epoch an interrupt reports
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % (world * args.accum_steps):
+        fail(f"--batch-size {args.batch_size} does not split evenly over {world} process(es) x --accum-steps")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     try:
-        with resume.interruptible(args):  # says what is saved before the teardown below
-            if args.world > 1:
-                dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                        device_id=device if device.type == "cuda" else None)  # fmt: skip
-            return run(args, device)
-    except DataError as e:  # raised in a loader worker: its last line is ours; the image is this rank's
-        fail(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1], every_rank=True)
-    except FolderError as e:
-        fail(str(e))
+        if world > 1:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        return run(args, device, rank, world)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's, torchrun's): see the end of the file
+        if rank == 0:
+            print(
+                f"\n{Path(sys.argv[0]).name}: {interrupted(Path(args.output_dir), argv, world)}",
+                file=sys.stderr,
+            )
+        raise SystemExit(130) from None
+    except DataError as e:  # from a loader worker, whose traceback's last line is the error itself
+        fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)
     finally:
-        if getattr(args, "folder", None) and args.folder.lock:
-            args.folder.lock.close()  # the OS lock goes with it (as it would with the process)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run(args, device):
-    master = args.rank == 0
-    torch.manual_seed(args.seed + args.rank)
-    random.seed(args.seed + args.rank)
-    amp = device.type == "cuda"  # bf16 autocast on CUDA, fp32 on a CPU
-    out, ckpt = Path(args.output_dir), args.resume_state
-    if master and args.resume == "auto" and ckpt is None:
-        print(f"--resume auto: no checkpoint in {out}, starting a new run")
-    weights, saved = pretrained.read(args.finetune) if args.finetune else (None, None)
-    cfg = model_config(args, ckpt["model_config"] if ckpt else saved, strict=ckpt is not None)
-    train_set, val_set, num_classes = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
-    cfg = replace(cfg, num_classes=num_classes)
-    per_rank = args.batch_size // (args.world * args.accum_steps)
-
-    model = VisionTransformer(cfg).to(device)
-    if ckpt:
-        resume.load_weights(model, ckpt, args.resume_path)
-    elif weights is not None:
-        pretrained.finetune(model, weights, args.finetune)
-    compiled = compile_model(model, args.compile)
-    train_loader, val_loader, sampler = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device)
-    static = per_rank if args.compile else None  # one shape for the compiled graph
-
-    if args.eval_only:
-        metrics = evaluate(compiled, val_loader, device, amp, static)
-        if master:
-            print(f"{args.resume_path}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
-                  f"loss {metrics['val_loss']:.4f} on {len(val_set)} images")  # fmt: skip
-        return metrics
-    if len(train_loader) < args.accum_steps:
-        fail(f"the training set gives {len(sampler)} images per process, fewer than one step of "
-             f"{args.batch_size // args.world}: lower --batch-size (or --accum-steps), or add data")  # fmt: skip
-
-    cuda = [device.index] if device.type == "cuda" else None
-    ddp = DDP(compiled, device_ids=cuda) if args.world > 1 else compiled
-    optimizer = build_optimizer(model, args, lr_at(0, args), device)
-    mixing = Mixing(args.mixup, args.cutmix, num_classes) if args.mixup > 0 or args.cutmix > 0 else None
-    start_epoch, best, run_id = 0, dict(val_top1=-1.0, epoch=-1), uuid.uuid4().hex
-    if ckpt:
-        start_epoch, best, run_id = resume.restore(ckpt, optimizer, args, device)
-    folder, chance_top1 = RunFolder(out), chance(train_set, val_set)
-    args.folder = folder
-    claimed = on_rank_0(args.rank, device, folder.claim, run_id, start_epoch - 1)  # drops later metrics
-    if master:
-        if claimed != run_id:  # a fork, in a folder of its own: its best is among the epochs it trains
-            run_id, best = claimed, dict(val_top1=-1.0, epoch=-1)
-        params = sum(p.numel() for p in model.parameters())
-        if args.epochs <= args.warmup_epochs + args.cooldown_epochs:
-            print(f"note: --epochs {args.epochs} leaves no cosine phase after {args.warmup_epochs} warmup and "
-                  f"{args.cooldown_epochs} cooldown epochs; set --warmup-epochs and --cooldown-epochs for short runs")  # fmt: skip
-        print(f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {len(train_set)} training "
-              f"images, {args.world} process(es) on {device.type}, batch {args.batch_size}, peak lr {peak_lr(args):.3g}; "
-              f"chance: {chance_top1:.2f}% (always the training set's commonest class)")  # fmt: skip
-
-    for epoch in range(start_epoch, args.epochs):
-        args.progress["epoch"] = epoch
-        sampler.set_epoch(epoch)
-        lr = lr_at(epoch, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        metrics = dict(
-            epoch=epoch + 1, **train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, amp)
-        )
-        metrics.update(evaluate(compiled, val_loader, device, amp, static), lr=lr)
-        if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():  # one sync an epoch
-            fail(f"the weights became non-finite in epoch {epoch + 1}; nothing was saved, so the last good "
-                 f"checkpoint in {args.output_dir} is untouched. Lower --lr, then --resume auto")  # fmt: skip
-        is_best = metrics["val_top1"] > best["val_top1"]
-        if is_best:
-            best = dict(val_top1=metrics["val_top1"], epoch=epoch + 1)
-        state = dict(  # on every rank (references, no copies); rank 0 writes it
-            model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, best=best, run_id=run_id,
-            model_config=asdict(cfg), rng=resume.rng_states(device, args.world), lr=lr,
-            args={k: v for k, v in vars(args).items() if v is None or isinstance(v, (str, int, float, bool, list, tuple))},
-        )  # fmt: skip
-        on_rank_0(args.rank, device, folder.save, epoch, metrics, state, is_best)
-        if master:
-            print(f"epoch {epoch + 1}/{args.epochs}  train loss {metrics['train_loss']:.4f}  val loss "
-                  f"{metrics['val_loss']:.4f}  top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%  "
-                  f"lr {lr:.2e}  {metrics['images_per_sec']:.0f} img/s  {metrics['seconds']:.1f}s")  # fmt: skip
-    if master:
-        files = ", ".join(f.name for f in (out / "best.pt", out / "checkpoint.pt") if f.exists())
-        print(f"best top-1 {best['val_top1']:.2f}% at epoch {best['epoch']} (chance {chance_top1:.2f}%); "
-              f"{out}/ holds {files}, metrics.jsonl")  # fmt: skip
-    if dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while rank 0 is still writing
-    return best
+def interrupted(out: Path, argv: list[str], world: int) -> str:
+    """What an interrupted run has saved, and the command that goes on from there."""
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
+    if not (out / "checkpoint.pt").exists():
+        return f"interrupted before its first checkpoint. Start again: {launcher} train.py {shlex.join(argv)}"
+    epoch = load_checkpoint(out / "checkpoint.pt", mmap=True)["epoch"] + 1
+    again = f"{launcher} train.py --resume auto --output-dir {out}"
+    return f"interrupted; {out}/checkpoint.pt holds epoch {epoch}. Go on with: {again}"
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a preemption ends the run as Ctrl-C does
+    main()

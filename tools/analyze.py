@@ -1,28 +1,25 @@
-"""The paper's analysis as pictures: Figs. 2, 4, 6 (Appendix) and 7, from mpvg.analyse.
+"""The paper's analysis as pictures: Figs. 2, 4, 6 (Appendix) and 7, of a checkpoint or of a new model.
 
-python tools/analyze.py runs/vit_lite_mpvg/best.pt --data cifar100 --output-dir runs/analysis
-python tools/analyze.py --model deit_tiny --pe lape --output-dir runs/analysis_new   # a new model
+    python -m tools.analyze --checkpoint runs/default/best.pt --out runs/analysis   # on its own data
+    python -m tools.analyze --model deit_tiny --pe lape --out runs/analysis_new        # a new model
+
+Any other flag is train.py's: a checkpoint is read as `train.py --eval-only --resume CKPT` reads it (its
+data, recipe and seed, unless given anew); a new model is built as train.py builds it (--data synthetic
+unless given).
 """
 
-from __future__ import annotations
-
-import argparse
 import json
 import math
-import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
-
 import train
-from mpvg import VisionTransformer, analyse, load_model
-from tools import flags, resume
-from tools.flags import HelpFormatter, fail, out_of_range
-from train import build_datasets, build_transforms, load_checkpoint, model_config
+from mpvg import VisionTransformer, load_model
+from training.data import Augmented, DataError, build_transforms
 
 
 def font(size: int = 14):
@@ -93,8 +90,8 @@ def bars(values: list, title: str):
     left, mid, height = 50, 150, 270
     caption = "x: layer l;  y: Pearson r of LN_l(x_l) and the PE layer l receives (no bar: no PE there)"
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = int(max(left + 40 * len(values) + 20, probe.textlength(title, font=FONT) + 16,
-                    probe.textlength(caption, font=FONT) + left + 8))  # fmt: skip
+    width = max(left + 40 * len(values) + 20, probe.textlength(title, font=FONT) + 16)
+    width = int(max(width, probe.textlength(caption, font=FONT) + left + 8))
     im = Image.new("RGB", (width, height + 36), "white")
     draw = ImageDraw.Draw(im)
     draw.text((8, 6), title, fill="black", font=FONT)
@@ -122,36 +119,79 @@ def rounded(x):
     return float(f"{x:.5g}") if isinstance(x, float) else x
 
 
-def analyze(args, device):
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson's correlation coefficient over all entries of two tensors of one shape."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+@torch.no_grad()
+def analyse(model, images: torch.Tensor) -> dict:
+    """What the paper's analysis reads, from one traced forward over a batch of images.
+
+    fig2_tokens[l], fig2_pos[l]: LN_l(x_l) averaged over the batch, and the PE layer l received
+        (both after their LayerNorms, as they enter the MSA), (N, D) each; pos None where none.
+    fig4_correlation[l]: Pearson's r between those two heatmaps (Figs. 2b and 4); None without PE.
+    last_ln: the Last LN's beta and gamma variances (population) and the cosine similarity of the
+        pooled representation (class token, or token mean) before and after it, Eq. (11) included,
+        each averaged over the batch first (Appendix, Fig. 6).
+    fig7_norms_pre, fig7_norms_post: per-patch-token L2 norms before and after the Last LN,
+        (B, H/P, W/P) (Appendix, Fig. 7).
+    """
+    model.eval()
+    trace = {}
+    model.forward_features(images, trace=trace)
+    tokens = [block.norm1(x).mean(dim=0) for block, x in zip(model.blocks, trace["tokens"])]
+    pos = [None if p is None else p[0] for p in trace["pos"]]
+    pre, post = trace["pre_norm"], trace["post_norm"]
+    grid = model.cfg.img_size // model.cfg.patch_size
+    patch_norms = lambda t: t[:, t.shape[1] - grid * grid :].norm(dim=-1).unflatten(1, (grid, grid))  # noqa: E731
+    cosine = F.cosine_similarity(model.pool(pre).mean(dim=0), model.pool(post).mean(dim=0), dim=0)
+    return dict(
+        fig2_tokens=tokens,
+        fig2_pos=pos,
+        fig4_correlation=[None if p is None else pearson(t, p) for t, p in zip(tokens, pos)],
+        last_ln=dict(
+            beta_var=float(model.norm.bias.var(unbiased=False)),
+            gamma_var=float(model.norm.weight.var(unbiased=False)),
+            cosine=float(cosine),
+        ),
+        fig7_norms_pre=patch_norms(pre),
+        fig7_norms_post=patch_norms(post),
+    )
+
+
+def analyze(args, ours, device) -> dict:
+    """The figures and analysis.json of the checkpoint args.resume, or of a new model of the flags."""
     torch.manual_seed(args.seed)  # a new model's weights, and so its figures, are the same every run
-    if args.analyze == "new":
-        cfg = model_config(args)
-        model = VisionTransformer(cfg)
-        source = f"a new {cfg.pe} model"
-    else:
-        ckpt = args.checkpoint
+    if args.resume:
+        ckpt = train.load_checkpoint(Path(args.resume))
         try:
             model = load_model(ckpt)
-        except (ValueError, RuntimeError) as e:  # fields this mpvg.py lacks; weights that do not fit
-            fail(f"{args.analyze}: {str(e).strip().splitlines()[-1].strip()}")
-        cfg = model.cfg
-        path = Path(args.analyze).resolve()
+        except (TypeError, RuntimeError) as e:  # a config or weights of another mpvg.py
+            train.fail(f"{args.resume}: {str(e).strip().splitlines()[-1]}")
+        path = Path(args.resume).resolve()
         source = (
-            f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine path
+            f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine's path
         )
-    out = Path(args.output_dir)
+    cfg = model.cfg if args.resume else train.model_config(args)
+    _, val_set = train.build_datasets(args, cfg.img_size)
+    if not args.resume:
+        model = VisionTransformer(cfg := replace(cfg, num_classes=len(val_set.classes)))
+        source = f"a new {cfg.pe} model"
+    out = Path(ours.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        fail(f"cannot write --output-dir {out} ({type(e).__name__}: {e.strerror}); choose another one")
-    _, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
-    val_set = train.Augmented(val_set, build_transforms(args, cfg.img_size)[1], args.seed)
-    n = min(args.analyze_images, len(val_set))
+        train.fail(f"cannot write --out {out} ({type(e).__name__}: {e.strerror}): choose another folder")
+    val_set = Augmented(val_set, build_transforms(args, cfg.img_size)[1], args.seed)
+    n = min(ours.images, len(val_set))
     spread = torch.linspace(0, len(val_set) - 1, n).long().tolist()  # image folders are sorted by class
     try:
         images = torch.stack([val_set[i][0] for i in spread]).to(device)
-    except train.DataError as e:  # an unreadable image, named
-        fail(str(e))
+    except DataError as e:  # an unreadable image, named
+        train.fail(str(e))
     stats = analyse(model.to(device), images)
 
     zoom = max(1, 160 // max(cfg.num_tokens, cfg.dim))
@@ -161,8 +201,10 @@ def analyze(args, device):
         panels.append((f"layer {l}: LN_l(x_l)", heatmap(t, size=size)))
         pe = heatmap(p, size=size) if p is not None else Image.new("RGB", size, "white")
         panels.append((f"layer {l}: PE, r = {r:+.2f}" if p is not None else f"layer {l}: no PE", pe))
-    title = (f"Fig. 2 of {source}: the tokens after LN_l (batch mean) and the PE each layer receives\n"
-             f"x: dimension, y: token; blue < 0 < red, each panel on its own scale")  # fmt: skip
+    title = (
+        f"Fig. 2 of {source}: the tokens after LN_l (batch mean) and the PE each layer receives\n"
+        "x: dimension, y: token; blue < 0 < red, each panel on its own scale"
+    )
     captioned(panels, 4, title).save(out / "fig2_heatmaps.png")
     title = (
         f"Fig. 4 of {source}: correlation of token embedding and PE after their LNs ({cfg.pe}, {cfg.pool})"
@@ -178,8 +220,10 @@ def analyze(args, device):
     note = (
         "\nan untrained model: gamma = 1 and beta = 0 everywhere, so both strips are blank" if fresh else ""
     )
-    title = (f"Appendix Fig. 6 of {source}: var(beta) {last['beta_var']:.4f}, "
-             f"cosine before/after the Last LN {last['cosine']:.4f}{note}")  # fmt: skip
+    title = (
+        f"Appendix Fig. 6 of {source}: var(beta) {last['beta_var']:.4f}, "
+        f"cosine before/after the Last LN {last['cosine']:.4f}{note}"
+    )
     captioned(strips, 1, title).save(out / "fig6_last_ln.png")
 
     mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
@@ -191,8 +235,10 @@ def analyze(args, device):
             ("norm before the Last LN", heatmap(stats["fig7_norms_pre"][b], signed=False, size=size)),
             ("norm after the Last LN", heatmap(stats["fig7_norms_post"][b], signed=False, size=size)),
         ]
-    title = (f"Fig. 7 of {source}: the L2 norm of each patch token before and after the Last LN\n"
-             f"per map: white its smallest, red its largest")  # fmt: skip
+    title = (
+        f"Fig. 7 of {source}: the L2 norm of each patch token before and after the Last LN\n"
+        "per map: white its smallest, red its largest"
+    )
     captioned(panels, 3, title).save(out / "fig7_token_norms.png")
 
     report = dict(source=source, model_config=asdict(cfg), images=n, data=args.data, **stats)
@@ -201,56 +247,26 @@ def analyze(args, device):
     print(f"{'layer':>5}  {'Fig. 4 r':>9}")
     for l, r in enumerate(stats["fig4_correlation"]):
         print(f"{l:>5}  {'-' if r is None else f'{r:+.4f}':>9}")
-    print(f"Last LN: var(beta) {last['beta_var']:.4f}  var(gamma) {last['gamma_var']:.4f}  "
-          f"cosine before/after {last['cosine']:.4f}")  # fmt: skip
+    print(
+        f"Last LN: var(beta) {last['beta_var']:.4f}  var(gamma) {last['gamma_var']:.4f}  "
+        f"cosine before/after {last['cosine']:.4f}"
+    )
     print(
         "wrote fig2_heatmaps.png, fig4_correlation.png, fig6_last_ln.png, fig7_token_norms.png, analysis.json"
     )
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
-    )
-    p.add_argument("analyze", nargs="?", default="new", metavar="CKPT",
-                   help="a checkpoint of train.py, analysed as trained: on its data, recipe and seed unless "
-                        "given; without one, a new model from --model and --pe")  # fmt: skip
-    train.add_data_flags(p, default="synthetic")
-    train.add_model_flags(p, unset="the preset's value; they build a new model, so not with CKPT")
-    train.add_recipe_flags(p)
-    g = p.add_argument_group("analysis")
-    g.add_argument(
-        "--analyze-images", type=int, default=64, help="validation images the analysis averages over"
-    )
-    g.add_argument("--output-dir", default="runs/analysis", help="where the figures and analysis.json go")
-    g.add_argument("--seed", type=int, default=0, help="a new model's weights, and the data")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = build_parser()
-    args = p.parse_args(argv)
-    given = [
-        f"--{k.replace('_', '-')}" for k in ["model", *train.MODEL_FLAGS] if getattr(args, k) is not None
-    ]
-    if given and args.analyze != "new":
-        fail(f"{', '.join(given)} build a new model, but {args.analyze} is analysed as it was trained: "
-             f"drop them, or drop CKPT to analyse a new model")  # fmt: skip
-    checkpoint = load_checkpoint(args.analyze) if args.analyze != "new" else None
-    if checkpoint:  # its data, recipe and seed unless given, as train.py's --eval-only takes them
-        args = resume.inherit(p, argv, checkpoint, train.INHERITED)
-    args = train.resolve_recipe(args)
-    if problem := out_of_range(args, {"analyze_images": "[1, inf)"}):
-        fail(problem)
-    args.checkpoint = checkpoint
-    return args
-
-
 def main(argv=None):
-    return analyze(parse_args(argv), train.pick_device())
+    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of train.py [none: a new model]")
+    p.add_argument("--images", type=train.COUNT, default=64, help="validation images averaged over [64]")
+    p.add_argument("--out", default="runs/analysis", help="the folder of the figures and analysis.json")
+    ours, rest = p.parse_known_args(argv)
+    train_flags = ["--eval-only", "--resume", ours.checkpoint] if ours.checkpoint else ["--data", "synthetic"]
+    args = train.parse_args([*train_flags, *rest])
+    return analyze(args, ours, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 if __name__ == "__main__":
-    flags.PROG = "analyze.py"  # as argparse names it
     main()

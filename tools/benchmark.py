@@ -1,39 +1,27 @@
-"""Training throughput of every PE mode, and of timm's ViT, side by side: full training steps on data
-already on the device, the models taking turns in one process.
+"""Training throughput of the paper's PE modes, and of timm's ViT, side by side: full training steps
+(train.py's train_step) on data already on the device, the models taking turns in one process.
 
-    python tools/benchmark.py --model deit_small --batch-size 256 --compile   # the GPU targets
-    python tools/benchmark.py --model deit_tiny --batch-size 16 --bench-steps 5 --bench-rounds 3 --bench-warmup 2
+    python -m tools.benchmark --model deit_small --batch-size 256 --compile   # the GPU targets
+    python -m tools.benchmark --model deit_tiny --batch-size 16 --steps 5 --rounds 3 --warmup 2
+
+Every other flag is train.py's: the model (its preset and knobs), --batch-size, --compile, the recipe's
+weight decay and smoothing, and the data whose loader is timed (--data synthetic --recipe deit unless
+given).
 """
 
-from __future__ import annotations
-
-import argparse
-import contextlib
 import json
 import os
-import sys
 import time
-from dataclasses import replace
+from argparse import Namespace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and mpvg.py, one folder up
-
 import train
-from mpvg import PE_MODES, Config, VisionTransformer
-from tools import flags
-from tools.device_data import DeviceLoader
-from tools.flags import HelpFormatter, boolean, fail, out_of_range
-from train import (
-    RECIPES,
-    build_datasets,
-    build_optimizer,
-    make_loaders,
-    model_config,
-    train_step,
-)
+from mpvg import Config, VisionTransformer
+
+ROWS = "default:cls,default:gap,lape:cls,pvg:gap,mpvg:gap"  # each mode beside default pooled alike
 
 
 def flops_per_image(cfg: Config) -> float:
@@ -52,143 +40,32 @@ def timm_twin(cfg: Config):
     except ImportError:
         return None
     cls = cfg.pool == "cls"
-    return TimmViT(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-        embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        class_token=cls, global_pool="token" if cls else "avg", fc_norm=False, drop_path_rate=cfg.drop_path,
-        attn_drop_rate=cfg.attn_drop,
-    )  # fmt: skip
+    size = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.dim)
+    size |= dict(depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
+    pooling = dict(class_token=cls, global_pool="token" if cls else "avg", fc_norm=False)
+    rates = dict(drop_path_rate=cfg.drop_path, attn_drop_rate=cfg.attn_drop)
+    return TimmViT(num_classes=cfg.num_classes, **size, **pooling, **rates)
 
 
-def base_config(args) -> Config:
-    """The preset with the model flags given, as MPVG without --pe (default with --pool cls, which MPVG
-    lacks); each row then sets its own mode."""
-    pe = args.pe or ("default" if args.pool == "cls" else "mpvg")
-    return model_config(argparse.Namespace(**{**vars(args), "pe": pe}))
+def configurations(args, rows: str) -> dict[str, Config]:
+    """The rows' models: the flags' model in each PE mode, with the pooling the row names."""
+    pairs = [row.split(":") for row in rows.split(",")]
+    return {
+        f"{pe} ({pool})": train.model_config(Namespace(**vars(args) | dict(pe=pe, pool=pool)))
+        for pe, pool in pairs
+    }
 
 
-def configurations(args, base: Config) -> dict:
-    """The rows: each PE mode with its own pooling, and default with the other pooling too, so that each
-    mode is compared with default pooled alike (--pe or --pool narrow the rows)."""
-    pairs = [(args.pe, args.pool)] if args.pe else [
-        ("default", "cls"), ("default", "gap"), ("lape", "cls"), ("pvg", "gap"), ("mpvg", "gap"),
-    ]  # fmt: skip
-    configs = {}
-    for mode, pool in pairs:
-        pool = args.pool or pool or PE_MODES[mode]["pool"]
-        knobs = {k: v for k, v in PE_MODES[mode].items() if getattr(args, k) is None}
-        with contextlib.suppress(ValueError):  # e.g. MPVG with --pool cls: no such model
-            configs[f"{mode} ({pool})"] = replace(base, **{**knobs, "pe": mode, "pool": pool})
-    return configs
-
-
-def benchmark(args, device):
-    cuda = device.type == "cuda"  # and so bf16 autocast
-    base = base_config(args)
-    loader_rate = time_data_loader(args, base, device)  # first: a data error stops it before any compile
-    configs = configurations(args, base)
-    builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
-    for pool in (
-        sorted({c.pool for c in configs.values()}) if args.timm else []
-    ):  # timm's twin of each pooling
-        twin = timm_twin(next(c for c in configs.values() if c.pool == pool))
-        if twin is not None:
-            builders[f"timm ViT ({pool})"] = lambda twin=twin: twin
-    batch = args.batch_size
-    img = torch.randn(batch, base.in_chans, base.img_size, base.img_size, device=device)
-    target = torch.randint(base.num_classes, (batch,), device=device)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    steps, rows = {}, {}
-    for name, build in tqdm(builders.items(), desc="warm-up and compile", leave=False, disable=None):
-        model = build().to(device)  # one at a time, so that each peak is its own
-        optimizer = build_optimizer(model, args, 1e-4, device)
-        compiled = train.compile_model(model, args.compile)
-
-        def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
-            train_step(model, optimizer, [(img, target)], args.smoothing, amp=cuda)
-
-        held = torch.cuda.memory_allocated(device) if cuda else 0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        step()  # the first step compiles
-        sync()
-        first = time.perf_counter() - start
-        for _ in range(args.bench_warmup - 1):
-            step()
-        sync()
-        peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
-        params = sum(p.numel() for p in model.parameters())
-        rows[name], steps[name] = dict(params=params, peak_mib=peak, first_step_s=first), step
-
-    seconds = {name: [] for name in steps}
-    for _ in range(args.bench_rounds):  # the models take turns, so drifts in clock or heat hit all alike
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.bench_steps):
-                step()
-            sync()
-            seconds[name].append((time.perf_counter() - start) / args.bench_steps)
-
-    device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"\nbenchmark: {args.model or RECIPES[args.recipe]['model']} ({base.dim}d x {base.depth}), batch {batch}, "
-          f"{base.img_size} px, {'bf16' if cuda else 'fp32'} on {device_name}, torch {torch.__version__}, "
-          f"compile {args.compile or 'off'}; {args.bench_warmup} warm-up, then {args.bench_rounds} rounds of "
-          f"{args.bench_steps} steps, median of rounds; vs columns compare models pooled alike")  # fmt: skip
-    print(f"{'model':<24}{'params':>12}{'img/s':>10}{'ms/step':>9}{'peak MiB':>9}{'MFU':>7}"
-          f"{'1st step s':>11}{'vs timm':>8}{'vs default':>11}")  # fmt: skip
-    for name, r in rows.items():
-        ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
-        twin_of = next(c for c in configs.values() if c.pool == name[-4:-1])  # a timm row's configuration
-        cfg = configs.get(name.removeprefix("mpvg.py "), twin_of)
-        r.update(ms_per_step=ms, images_per_sec=batch / ms * 1e3)
-        r["mfu"] = (
-            3 * flops_per_image(cfg) * r["images_per_sec"] / (args.peak_tflops * 1e12) if cuda else None
-        )
-
-    def ratio(row: dict, other: str) -> str:
-        return f"{row['images_per_sec'] / rows[other]['images_per_sec']:.3f}" if other in rows else "-"
-
-    for name, r in rows.items():
-        pool = name[name.rindex("(") :]
-        memory = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{name:<24}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>9.1f}{memory:>9}{mfu:>7}"
-              f"{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}{ratio(r, f'mpvg.py default {pool}'):>11}")  # fmt: skip
-    if args.profile:
-        profile(steps[args.profile], args.profile, cuda)  # a row that parse_args checked exists
-    rows["data loader"] = dict(images_per_sec=loader_rate)
-    return rows
-
-
-def profile(step, name: str, cuda: bool, top: int = 12):
-    """The kernels (or CPU ops) that take a row's step time, from torch.profiler over 5 steps."""
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-    )
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(5):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"\nprofile of {name}, 5 steps, top {top} by self time:")
-    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
-
-
-def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
-    """Images/s that the training loader delivers with the recipe's augmentations, model aside: a
-    DataLoader over `batches` batches once its workers run; the device path over a whole epoch (it
+def time_data_loader(args, device, batches: int = 10) -> float:
+    """Images/s that train.py's training loader delivers with the recipe's augmentations, model aside: a
+    DataLoader over `batches` batches once its workers run; the device loader over a whole epoch (it
     augments a chunk of the epoch at a time)."""
-    train_set, val_set, _ = build_datasets(args, cfg.img_size, noise_classes=cfg.num_classes)
-    loader, _, _ = make_loaders(args, train_set, val_set, cfg.img_size, args.batch_size, device)
-    on_device = isinstance(loader, DeviceLoader)
+    img_size = train.model_config(args).img_size
+    train_set, val_set = train.build_datasets(args, img_size)
+    loader, _ = train.make_loaders(args, train_set, val_set, img_size, args.batch_size, device, 0, 1)
+    on_device = not isinstance(loader, torch.utils.data.DataLoader)
     if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
-        more = ", or raise --synthetic-size" if args.data in ("noise", "synthetic") else ""
-        fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images (the "
-             f"loader's timing needs {1 if on_device else 2} batches): lower it{more}")  # fmt: skip
+        train.fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images")
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -203,69 +80,144 @@ def time_data_loader(args, cfg: Config, device, batches: int = 10) -> float:
     return rate
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, allow_abbrev=False
-    )
-    train.add_data_flags(p, default="noise")
-    train.add_model_flags(
-        p, unset="the preset's value", pe="default, lape, pvg, mpvg: a row each, default both ways"
-    )
-    train.add_recipe_flags(p)
-    g = p.add_argument_group("benchmark")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
-                   help="torch.compile every model, in this mode")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bench-steps", type=int, default=10, help="timed steps per model per round")
-    g.add_argument("--bench-rounds", type=int, default=3, help="rounds, the models taking turns")
-    g.add_argument(
-        "--bench-warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
-    )
-    g.add_argument(
-        "--peak-tflops", type=float, default=989.4, help="the device's dense bf16 peak, for MFU (H100 SXM)"
-    )
-    g.add_argument(
-        "--timm", type=boolean, default=True, help="time timm's ViT beside ours, where timm imports"
-    )
-    g.add_argument("--profile", metavar="ROW", default=None,
-                   help="print torch.profiler's top kernels of one row, e.g. 'mpvg.py mpvg (gap)'")  # fmt: skip
-    g.add_argument("--loader-only", action="store_true", help="time the training data loader alone")
-    g.add_argument("--json", metavar="PATH", default=None, help="also write the rows to this file")
-    return p
+def profile(step, name: str, cuda: bool, top: int = 12):
+    """The kernels (or CPU ops) that take a row's step time, from torch.profiler over 5 steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    activities += [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile of {name}, 5 steps, top {top} by self time:")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=70))
 
 
-RANGES = {"bench_steps": "[1, inf)", "bench_rounds": "[1, inf)", "bench_warmup": "[1, inf)", "peak_tflops": "(0, inf)"}  # fmt: skip
+def benchmark(args, ours, device) -> dict:
+    cuda = device.type == "cuda"  # and so bf16 autocast, as in training
+    configs = configurations(args, ours.rows)
+    builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
+    for pool in (
+        sorted({c.pool for c in configs.values()}) if ours.timm else []
+    ):  # timm's twin of each pooling
+        twin = timm_twin(next(c for c in configs.values() if c.pool == pool))
+        if twin is not None:
+            builders[f"timm ViT ({pool})"] = lambda twin=twin: twin
+    cfg = next(iter(configs.values()))
+    img = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+    target = torch.randint(cfg.num_classes, (args.batch_size,), device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
+    steps, rows = {}, {}
+    for name, build in tqdm(builders.items(), desc="warm-up and compile", leave=False, disable=None):
+        model = build().to(device)  # one at a time, so that each peak is its own
+        optimizer = train.build_optimizer(model, args, device)
+        compiled = train.compile_model(model, args.compile)
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = train.resolve_recipe(build_parser().parse_args(argv))
-    rows = [f"mpvg.py {name}" for name in configurations(args, base_config(args))]
-    if args.profile and args.profile not in rows:
-        fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in rows)}")
-    if problem := out_of_range(args, RANGES):
-        fail(problem)
-    json_path = Path(args.json or ".")
-    if args.json and (json_path.is_dir() or not os.access(json_path.parent, os.W_OK)):
-        fail(f"--json {json_path} cannot be written (a folder, or its folder is missing or read-only): "
-             f"give a file in a writable folder")  # fmt: skip
-    args.rank, args.world, args.accum_steps = 0, 1, 1
-    return args
+        def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
+            train.train_step(model, optimizer, [(img, target)], args.smoothing)
+
+        held = torch.cuda.memory_allocated(device) if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()  # the first step compiles
+        sync()
+        first = time.perf_counter() - start
+        for _ in range(ours.warmup - 1):
+            step()
+        sync()
+        peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
+        params = sum(p.numel() for p in model.parameters())
+        rows[name], steps[name] = dict(params=params, peak_mib=peak, first_step_s=first), step
+
+    seconds = {name: [] for name in steps}
+    for _ in range(ours.rounds):  # the models take turns, so drifts in clock or heat hit all alike
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(ours.steps):
+                step()
+            sync()
+            seconds[name].append((time.perf_counter() - start) / ours.steps)
+
+    device_name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(
+        f"\nbenchmark: {args.model} ({cfg.dim}d x {cfg.depth}), batch {args.batch_size}, {cfg.img_size} px, "
+        f"{'bf16' if cuda else 'fp32'} on {device_name}, torch {torch.__version__}, compile "
+        f"{args.compile or 'off'}; {ours.warmup} warm-up, then {ours.rounds} rounds of {ours.steps} steps, "
+        "median of rounds; the vs columns compare models pooled alike"
+    )
+    print(
+        f"{'model':<24}{'params':>12}{'img/s':>10}{'ms/step':>9}{'peak MiB':>9}{'MFU':>7}{'1st step s':>11}",
+        end="",
+    )
+    print(f"{'vs timm':>8}{'vs default':>11}")
+    for name, r in rows.items():
+        ms = sorted(seconds[name])[len(seconds[name]) // 2] * 1e3
+        pool = name[-4:-1]
+        row_cfg = configs.get(
+            name.removeprefix("mpvg.py "), next(c for c in configs.values() if c.pool == pool)
+        )
+        r.update(ms_per_step=ms, images_per_sec=args.batch_size / ms * 1e3)
+        r["mfu"] = (
+            3 * flops_per_image(row_cfg) * r["images_per_sec"] / (ours.peak_tflops * 1e12) if cuda else None
+        )
+
+    def ratio(row: dict, other: str) -> str:
+        return f"{row['images_per_sec'] / rows[other]['images_per_sec']:.3f}" if other in rows else "-"
+
+    for name, r in rows.items():
+        pool = name[name.rindex("(") :]
+        memory = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(
+            f"{name:<24}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>9.1f}{memory:>9}",
+            end="",
+        )
+        print(f"{mfu:>7}{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}", end="")
+        print(f"{ratio(r, f'mpvg.py default {pool}'):>11}")
+    if ours.profile:
+        profile(steps[ours.profile], ours.profile, cuda)
+    return rows
 
 
 def main(argv=None):
-    args, device = parse_args(argv), train.pick_device()
-    if args.loader_only:
-        rows = {"data loader": dict(images_per_sec=time_data_loader(args, base_config(args), device))}
-    else:
-        rows = benchmark(args, device)
-    if args.json:  # for tools/speed.py, which gathers the Speed section's figures
+    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--rows", default=ROWS, help=f"the models, as PE mode:pooling, comma-separated [{ROWS}]")
+    p.add_argument("--steps", type=train.COUNT, default=10, help="timed steps per model per round [10]")
+    p.add_argument("--rounds", type=train.COUNT, default=3, help="rounds, the models taking turns [3]")
+    p.add_argument("--warmup", type=train.COUNT, default=3, help="untimed steps first, compiling [3]")
+    p.add_argument(
+        "--peak-tflops", type=train.POSITIVE, default=989.4, help="dense bf16 peak, for MFU [989.4]"
+    )
+    p.add_argument("--timm", type=train.boolean, default=True, help="timm's ViT too, where it imports [true]")
+    p.add_argument(
+        "--profile", metavar="ROW", help="torch.profiler's top kernels of a row: 'mpvg.py mpvg (gap)'"
+    )
+    p.add_argument("--loader-only", action="store_true", help="time train.py's training loader alone")
+    p.add_argument("--json", metavar="PATH", help="also write the rows to this file")
+    ours, rest = p.parse_known_args(argv)
+    args = train.parse_args(["--data", "synthetic", "--recipe", "deit", *rest])
+    names = [f"mpvg.py {name}" for name in configurations(args, ours.rows)]
+    if ours.profile and ours.profile not in names:
+        train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in names)}")
+    if ours.json and (Path(ours.json).is_dir() or not os.access(Path(ours.json).parent, os.W_OK)):
+        train.fail(f"--json {ours.json} cannot be written: give a file in a folder you can write")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = {
+        "data loader": dict(images_per_sec=time_data_loader(args, device))
+    }  # first: bad data ends it early
+    if not ours.loader_only:
+        rows = benchmark(args, ours, device) | rows
+    if ours.json:  # for tools/speed.py, which gathers the Speed figures
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        Path(args.json).write_text(
+        Path(ours.json).write_text(
             json.dumps(dict(rows=rows, device=name, torch=torch.__version__, argv=argv))
         )
     return rows
 
 
 if __name__ == "__main__":
-    flags.PROG = "benchmark.py"  # as argparse names it
     main()

@@ -1,16 +1,16 @@
-"""Every figure of the README's Speed section, from one command: on a GPU, as prepared for a lent machine.
+"""Every GPU figure of docs/speed.md from one command, stage by stage, each stage under a time limit.
 
-    python tools/speed.py --out speed                          # every stage, on one GPU
-    python tools/speed.py --out speed --stages deit_s,table2   # the first two, within one short lease
-    python tools/speed.py --out speed --quick                  # a rehearsal on a CPU at tiny sizes
+    python -m tools.speed --out speed                          # every stage, on one GPU
+    python -m tools.speed --out speed --stages deit_s,table2   # the two most wanted, in about 15 minutes
+    python -m tools.speed --out speed --quick                  # a rehearsal on a CPU at tiny sizes
 
-Each stage runs train.py or tools/benchmark.py in a process of its own, under its own time limit, and
+Each stage runs train.py or tools.benchmark in a process of its own, under its own time limit, and
 keeps its log (and JSON) in --out; a stage that fails or runs out of time is reported and the next one
 runs. A stage run again first moves its older files into --out/previous/. speed.md in --out gathers the
 figures of every stage run into it so far, each with the date, device and torch version it ran with.
 
-Stages, in the default order (the most wanted figures first; every compile of a DeiT-S took about 40 s on
-an H200, so all stages together take longer than one 15-minute lease): deit_s (DeiT-S/16 batch 256
+Stages, in the default order (the most wanted figures first; a compile of DeiT-S takes about 40 s on an
+H200, so all stages together take longer than 15 minutes): deit_s (DeiT-S/16 batch 256
 compiled, the four modes and timm, with a profile of MPVG), table2 (ViT-Lite-7/4 with the cifar recipe on
 50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
 with default, LaPE, PVG and MPVG under torchrun with one process, and resumes; DDP with compile needs two
@@ -29,68 +29,75 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent  # where train.py is: every stage runs there
 
 
 def stages(quick: bool, out: Path, cores: int) -> dict:
     """stage -> [(name, command, time limit in seconds)]: full sizes, or tiny ones for a CPU rehearsal."""
-    py, bench = [sys.executable], [sys.executable, str(ROOT / "tools/benchmark.py")]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    small = (
-        ["--img-size", "32", "--patch-size", "8", "--dim", "64", "--depth", "2", "--heads", "2"]
-        if quick
-        else []
-    )
-    steps = (
-        ["--bench-steps", "2", "--bench-rounds", "1", "--bench-warmup", "2"]
-        if quick
-        else ["--bench-steps", "20"]
-    )
+    bench = [sys.executable, "-m", "tools.benchmark", "--workers", str(cores)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "train.py",
+    ]
+    small = "--img-size 32 --patch-size 8 --dim 64 --depth 2 --heads 2".split() if quick else []
+    steps = "--steps 2 --rounds 1 --warmup 2".split() if quick else ["--steps", "20"]
     batch = "16" if quick else "256"
 
     def deit(name, *flags, model="deit_small", batch=batch):
-        command = [*bench, "--model", model, "--batch-size", batch, *small, *steps, "--workers", str(cores),
-                   "--json", str(out / f"{name}.json"), *flags]  # fmt: skip
-        return [(name, command, 120 if quick else 420)]
+        command = [*bench, "--model", model, "--batch-size", batch, *small, *steps, *flags]
+        return [(name, [*command, "--json", str(out / f"{name}.json")], 120 if quick else 420)]
 
-    cifar = [
-        "--data",
-        "noise",
-        "--recipe",
-        "cifar",
-        "--model",
-        "vit_lite_7_4",
-        "--device-data",
-        "on",
-        "--workers",
-        "0",
-    ]
+    cifar = "--data synthetic --recipe cifar --model vit_lite_7_4 --device-data on --workers 0".split()
+    cifar += ["--compile", *([] if quick else ["reduce-overhead"]), *small]
     compile_runs = []  # one epoch (training and evaluation) per mode; MPVG also resumed, compiled again
     for mode in ("default", "lape", "pvg", "mpvg"):
-        folder = str(out / f"compile_{mode}")
-        flags = [*cifar, "--pe", mode, "--synthetic-size", "512" if quick else "5120", "--compile",
-                 *([] if quick else ["reduce-overhead"]), "--output-dir", folder, *small]  # fmt: skip
+        flags = [*cifar, "--pe", mode, "--synthetic-size", "512" if quick else "5120", "--epochs", "1"]
         compile_runs.append(
-            (f"compile_{mode}", [*torchrun, str(ROOT / "train.py"), *flags, "--epochs", "1"], 240)
+            (f"compile_{mode}", [*torchrun, *flags, "--output-dir", str(out / f"compile_{mode}")], 240)
         )
     resume = ["--resume", "auto", "--output-dir", str(out / "compile_mpvg"), "--epochs", "2"]
-    compile_runs.append(("resume_mpvg", [*torchrun, str(ROOT / "train.py"), *resume], 240))
-    epochs = "2" if quick else "20"  # the epochs timed; the lr schedule does not change an epoch's time
-    table2 = [*cifar, "--pe", "mpvg", "--synthetic-size", "1024" if quick else "50000", "--epochs", epochs,
-              "--compile", *([] if quick else ["reduce-overhead"]), "--output-dir", str(out / "table2"), *small]  # fmt: skip
+    compile_runs.append(("resume_mpvg", [*torchrun, *resume], 240))
+    table2 = [*cifar, "--pe", "mpvg", "--synthetic-size", "1024" if quick else "50000"]
+    table2 += [
+        "--epochs",
+        "2" if quick else "20",
+        "--output-dir",
+        str(out / "table2"),
+    ]  # an epoch's time: any lr
+    jpegs = ["--data", "imagenet", "--data-path", str(out / "jpegs"), "--recipe", "deit", *small]
     return {
         "compile": compile_runs,
-        "table2": [("table2", [*py, str(ROOT / "train.py"), *table2], 120 if quick else 480)],
+        "table2": [("table2", [sys.executable, "train.py", *table2], 120 if quick else 480)],
         "deit_s": deit("deit_s", "--compile", "--profile", "mpvg.py mpvg (gap)"),
-        "deit_s_eager": deit("deit_s_eager", "--timm", "true"),
-        "deit_b": deit("deit_b", "--compile", "--pe", "mpvg", model="deit_base"),
-        "scaling": [run for b in (["8", "16"] if quick else ["64", "128", "256", "512", "1024"])
-                    for run in deit(f"scaling_b{b}", "--compile", "--pe", "default", "--timm", "false", batch=b)]
-        + deit("scaling_384px", "--compile", "--pe", "default", "--timm", "false", "--img-size", "64" if quick else "384"),
-        "loader": [("loader", [*bench, "--loader-only", "--data", "imagenet", "--data-path", str(out / "jpegs"),
-                               "--recipe", "deit", "--batch-size", batch, "--workers", str(cores),
-                               "--json", str(out / "loader.json"), *small], 300)],
-    }  # fmt: skip
+        "deit_s_eager": deit("deit_s_eager"),
+        "deit_b": deit("deit_b", "--compile", "--rows", "mpvg:gap", model="deit_base"),
+        "scaling": [
+            run
+            for b in (["8", "16"] if quick else ["64", "128", "256", "512", "1024"])
+            for run in deit(f"scaling_b{b}", "--compile", "--rows", "default:cls", "--timm", "false", batch=b)
+        ]
+        + deit(
+            "scaling_384px",
+            "--compile",
+            "--rows",
+            "default:cls",
+            "--timm",
+            "false",
+            "--img-size",
+            "64" if quick else "384",
+        ),
+        "loader": [
+            (
+                "loader",
+                [*bench, "--loader-only", *jpegs, "--batch-size", batch, "--json", str(out / "loader.json")],
+                300,
+            )
+        ],
+    }
 
 
 def make_jpegs(folder: Path, n: int, size=(400, 350), classes: int = 10):
@@ -114,7 +121,7 @@ def fail(message: str):
 
 
 def save(path: Path, ran: dict):
-    """Written whole, even if the lease ends here."""
+    """Written whole, even if the machine goes away here."""
     path.with_suffix(".tmp").write_text(json.dumps(ran, indent=1))
     path.with_suffix(".tmp").replace(path)
 
@@ -130,9 +137,16 @@ def summary(out: Path) -> str:
     """speed.md: every stage run into --out so far (one call or several, perhaps on other machines), each
     with when, where and how it ran, then the figures read from its JSON or metrics."""
     ran = json.loads((out / "stages.json").read_text())
-    lines = ["# Speed", "", "| stage | ran | device | torch | seconds | status |", "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {name} | {r['date']} | {r['device']} | {r['torch']} | {r['seconds']:.0f} | {r['status']} |"
-              for name, r in ran.items()]  # fmt: skip
+    lines = [
+        "# Speed",
+        "",
+        "| stage | ran | device | torch | seconds | status |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in ran.items():
+        lines.append(
+            f"| {name} | {r['date']} | {r['device']} | {r['torch']} | {r['seconds']:.0f} | {r['status']} |"
+        )
     for path in (out / f"{name}.json" for name in ran if (out / f"{name}.json").exists()):
         rows = json.loads(path.read_text())["rows"]
         lines += [
@@ -158,10 +172,13 @@ def summary(out: Path) -> str:
             else epochs[0]["seconds"]
         )
         first = epochs[0]["seconds"] - steady  # compilation and warm-up
-        lines += ["", "## table2", "", f"{len(epochs)} epochs of ViT-Lite-7/4 (training only: {steady:.2f} s an epoch "
-                  f"once compiled, {epochs[-1]['images_per_sec']:,.0f} img/s; first epoch {first:.1f} s longer); "
-                  f"310 epochs with evaluation extrapolate to {(first + 310 * steady) / 60:.1f} minutes of training "
-                  f"(see table2.log for the evaluation's share)."]  # fmt: skip
+        lines += ["", "## table2", ""]
+        lines.append(
+            f"{len(epochs)} epochs of ViT-Lite-7/4, each with its evaluation: {steady:.2f} s an epoch once "
+            f"compiled ({epochs[-1]['images_per_sec']:,.0f} img/s in training), the first {first:.1f} s "
+            "longer; "
+            f"310 epochs extrapolate to {(first + 310 * steady) / 60:.1f} minutes."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -169,15 +186,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="speed", help="where logs, JSON and speed.md go")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a rehearsal on a CPU")
-    p.add_argument("--stages", default="deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling",
-                   help="a comma-separated subset of the stages, run in this order")  # fmt: skip
+    order = "deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling"
+    p.add_argument(
+        "--stages", default=order, help="a comma-separated subset of the stages, run in this order"
+    )
     args = p.parse_args(argv)
     out, chosen = Path(args.out), args.stages.split(",")
     plan = stages(args.quick, out, min(os.cpu_count() or 1, 16))
     unknown = set(chosen) - set(plan)
     if unknown:
-        fail(f"unknown stage(s) {', '.join(repr(s) for s in sorted(unknown))} in --stages {args.stages!r}: choose "
-             f"from {', '.join(plan)}, comma-separated")  # fmt: skip
+        named = ", ".join(repr(s) for s in sorted(unknown))
+        fail(f"unknown stage(s) {named} in --stages {args.stages!r}: choose from {', '.join(plan)}")
     try:
         (out / "previous").mkdir(parents=True, exist_ok=True)
         ran = json.loads((out / "stages.json").read_text()) if (out / "stages.json").exists() else {}

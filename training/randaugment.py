@@ -9,8 +9,7 @@ fill with the data set's mean colour and resample bicubic (DeiT) or, per op, bil
 (Compact Transformers' `train_interpolation: random`).
 
 Every image has its own op, magnitude, sign and resampling; ops then run once per group of images
-that drew the same op, with the magnitudes as per-image tensors. train.py and tools/device_data.py
-import this file; it imports nothing of the project's.
+that drew the same op, with the magnitudes as per-image tensors.
 """
 
 from __future__ import annotations
@@ -24,24 +23,20 @@ OPS = (
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
 )  # fmt: skip
-SIGNED = {"Rotate", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-          "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}  # fmt: skip
-GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"}
 
 
-def draw(n: int, g: torch.Generator | None, magnitude: float = 9.0, std: float = 0.5, num_ops: int = 2,
-         prob: float = 0.5, interpolation: str = "bicubic") -> dict:  # fmt: skip
-    """The policy's random choices for n images, (n, num_ops) each: which op, whether it is applied, its
+def draw(n: int, g: torch.Generator | None, magnitude: float = 9.0, interpolation: str = "bicubic") -> dict:
+    """The policy's random choices for n images, (n, 2) each: which op, whether it is applied, its
     magnitude (0..10), its sign, and whether a geometric op resamples bicubic (else bilinear)."""
-    shape = (n, num_ops)
-    level = magnitude + std * torch.randn(shape, generator=g, dtype=torch.float64)
+    shape = (n, 2)  # two ops an image
+    level = magnitude + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)  # mstd0.5
     if interpolation == "random":
         bicubic = torch.rand(shape, generator=g) < 0.5
     else:
         bicubic = torch.full(shape, interpolation == "bicubic")
     return dict(
         op=torch.randint(len(OPS), shape, generator=g),
-        applied=torch.rand(shape, generator=g) < prob,
+        applied=torch.rand(shape, generator=g) < 0.5,
         level=level.clamp(0.0, 10.0),
         negative=torch.rand(shape, generator=g) < 0.5,
         bicubic=bicubic,
@@ -169,17 +164,9 @@ class RandAugment:
     """The per-image transform (C, H, W) uint8 -> uint8, drawing from torch's global RNG (which
     train.py's Augmented data set seeds per image)."""
 
-    def __init__(self, magnitude: float, mean, interpolation: str, std: float = 0.5):
-        self.magnitude, self.std, self.fill, self.interpolation = (
-            magnitude,
-            std,
-            fill_colour(mean),
-            interpolation,
-        )
+    def __init__(self, magnitude: float, mean, interpolation: str):
+        self.magnitude, self.fill, self.interpolation = magnitude, fill_colour(mean), interpolation
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        choices = draw(1, None, self.magnitude, self.std, interpolation=self.interpolation)
+        choices = draw(1, None, self.magnitude, self.interpolation)
         return apply(img[None], choices, self.fill)[0]
-
-    def __repr__(self):
-        return f"RandAugment(rand-m{self.magnitude:g}-mstd{self.std:g}-inc1, {self.interpolation})"

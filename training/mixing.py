@@ -1,6 +1,4 @@
-"""timm's Mixup and CutMix in batch mode, as DeiT and Compact Transformers train with them. train.py
-imports this; it imports nothing of the project's back.
-"""
+"""timm's Mixup and CutMix in batch mode, as DeiT and Compact Transformers train with them."""
 
 from __future__ import annotations
 

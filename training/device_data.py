@@ -2,8 +2,7 @@
 
 Every image still draws its own crop, resampling, flip, RandAugment ops and erasing box, by the rules of
 torchvision's and timm's per-image transforms; the work then runs once per chunk of the epoch (or once
-per group of images that drew the same op) instead of once per image. train.py imports this for
---device-data; it imports neither train.py nor a script.
+per group of images that drew the same op) instead of once per image.
 """
 
 from __future__ import annotations
@@ -12,8 +11,7 @@ import math
 
 import torch
 
-from tools import randaugment
-from tools.flags import fail
+from training import randaugment
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -143,9 +141,8 @@ class DeviceLoader:
     randomness from (seed, epoch, rank). Batches are plain tensors."""
 
     def __init__(
-        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last: bool = True,
-        chunk: int = 8192,
-    ):  # fmt: skip
+        self, images, labels, sampler, batch_size: int, transform, seed: int, drop_last=True, chunk=8192
+    ):
         self.images, self.labels, self.sampler = images, labels, sampler
         self.batch_size, self.transform, self.seed, self.drop_last = batch_size, transform, seed, drop_last
         self.chunk = max(1, chunk // batch_size) * batch_size  # whole batches
@@ -183,23 +180,13 @@ def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
     return images.to(device), labels.to(device)
 
 
-def wanted(args, device: torch.device) -> bool:
-    """Whether --device-data is on: when asked, or by auto for cifar100 on CUDA. Image folders are refused:
-    their images differ in size."""
-    if args.device_data == "on" and args.data == "imagenet":
-        fail("--device-data holds fixed-size sets (cifar100, synthetic, noise); image folders need "
-             "--device-data off")  # fmt: skip
-    auto = device.type == "cuda" and args.data == "cifar100"
-    return args.device_data == "on" or (args.device_data == "auto" and auto)
-
-
-def loaders(
-    args, train_set, val_set, sampler, img_size: int, batch: int, val_transform, device: torch.device
-):
-    """--device-data's training and validation loaders of `batch` images per rank: both sets on the device,
-    the training one augmented there by the recipe, the validation one cut into this rank's share."""
-    augment = BatchAugment(args, img_size)
-    train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
-    shard = list(range(args.rank, len(val_set), args.world))  # every image once, none padded
-    val = DeviceLoader(*as_tensors(val_set, device), shard, batch, val_transform, args.seed, drop_last=False)
+def loaders(args, train_set, val_set, sampler, val_shard, img_size: int, batch: int, val_transform, device):
+    """--device-data's training and validation loaders of `batch` images per process: both sets on the
+    device, the training one augmented there by the recipe, the validation one this process's share."""
+    train = DeviceLoader(
+        *as_tensors(train_set, device), sampler, batch, BatchAugment(args, img_size), args.seed
+    )
+    val = DeviceLoader(
+        *as_tensors(val_set, device), val_shard, batch, val_transform, args.seed, drop_last=False
+    )
     return train, val

@@ -1,0 +1,108 @@
+"""The data side of train.py's story: the built-in task, per-image augmentation that does not depend on
+the number of processes or loader workers, and the sampler that deals each epoch to the processes."""
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from training.randaugment import RandAugment
+
+
+def seed_of(*keys: int) -> int:
+    """One seed from several integers, the same in every process (Python salts the hash of str, not int)."""
+    return hash(keys) % 2**63
+
+
+class PlusSigns(Dataset):
+    """The built-in task of --data synthetic: noise with a bright plus sign and a bright square (3 x 3
+    pixels each) anywhere; the label is the cell of a 4 x 4 grid that holds the plus sign's centre, so only
+    position tells it. Each image is made from its index: nothing to download, the same every time."""
+
+    def __init__(self, size: int, img_size: int, seed: int, cells: int = 4):
+        if img_size < cells:
+            raise ValueError(f"--data synthetic needs --img-size {cells} or more, got {img_size}")
+        g = torch.Generator().manual_seed(seed)
+        self.corners = torch.randint(0, img_size - 2, (size, 2, 2), generator=g)  # (image, plus/square, y/x)
+        centre = self.corners[:, 0] + 1
+        self.targets = (centre[:, 0] * cells // img_size * cells + centre[:, 1] * cells // img_size).tolist()
+        self.img_size, self.seed, self.classes = img_size, seed, list(range(cells * cells))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        img = torch.randint(0, 128, (3, self.img_size, self.img_size), dtype=torch.uint8, generator=g)
+        (py, px), (sy, sx) = self.corners[i].tolist()
+        img[:, sy : sy + 3, sx : sx + 3] = 255
+        img[:, py + 1, px : px + 3] = img[:, py : py + 3, px + 1] = 255
+        return img, self.targets[i]
+
+
+class DataError(Exception):
+    """An image that cannot be read; raised in a loader worker, reported in one line."""
+
+
+class Augmented(Dataset):
+    """A data set with a random transform whose randomness depends only on (seed, epoch, copy, index), as
+    EpochSampler passes them: an image's augmentation does not depend on the number of processes or
+    loader workers, so a resumed run and a run on more GPUs see the same data."""
+
+    def __init__(self, dataset: Dataset, transform, seed: int):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch, copy = key if isinstance(key, tuple) else (key, 0, 0)  # a plain index: evaluation
+        try:
+            img, label = self.dataset[index]
+        except Exception as e:  # a corrupt, truncated or non-image file: name it
+            where = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}"
+            raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); delete or replace it") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(self.seed, epoch, copy, index))
+            return self.transform(img), label
+
+
+class EpochSampler(Sampler):
+    """Each epoch's shuffled order (seed + epoch), dealt to the processes in turn, as (index, epoch, copy).
+    With repeats > 1 it is DeiT's repeated augmentation (its RASampler): each image drawn appears `repeats`
+    times side by side, so nearly always in one step, each copy augmented on its own; an epoch keeps
+    len(dataset) samples. With repeats = 1 it is torch's DistributedSampler (shuffle, drop_last)."""
+
+    def __init__(self, n: int, world: int, rank: int, seed: int, repeats: int = 1):
+        self.n, self.world, self.rank, self.seed, self.repeats, self.epoch = n, world, rank, seed, repeats, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n // self.world
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.repeat_interleave(self.repeats)
+        mine = range(self.rank, self.world * len(self), self.world)
+        return ((int(order[k]), self.epoch, k % self.repeats) for k in mine)
+
+
+def build_transforms(args, img_size: int):
+    """A recipe's training and evaluation transforms of one uint8 image (timm's order), each ending in a
+    plain tensor (no tv_tensors subclass reaches the model)."""
+    mode = lambda name: getattr(v2.InterpolationMode, name.upper())  # noqa: E731
+    modes = ("bilinear", "bicubic") if args.interpolation == "random" else (args.interpolation,)
+    crops = [
+        v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=mode(m)) for m in modes
+    ]
+    train = [v2.ToImage(), v2.ToPureTensor(), v2.RandomChoice(crops), v2.RandomHorizontalFlip(args.hflip)]
+    if args.randaug_magnitude > 0:
+        train.append(RandAugment(args.randaug_magnitude, args.mean, args.interpolation))
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std)]
+    train += tail
+    if args.reprob > 0:
+        train.append(v2.RandomErasing(args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
+    resize = v2.Resize(int(img_size / args.eval_crop), mode(args.interpolation.replace("random", "bicubic")))
+    val = [v2.ToImage(), v2.ToPureTensor(), resize, v2.CenterCrop(img_size), *tail]
+    return v2.Compose(train), v2.Compose(val)
