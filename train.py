@@ -395,7 +395,8 @@ def train_step(model, optimizer, micro_batches, smoothing: float) -> torch.Tenso
         with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
             with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.is_cuda):  # bf16 on a GPU
                 logits = model(img)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=smoothing) / len(micro_batches)
+            logits = logits.float() if img.is_cuda else logits  # the loss in float32 at least
+            loss = F.cross_entropy(logits, target, label_smoothing=smoothing) / len(micro_batches)
             loss.backward()
         total = total + loss.detach()
     optimizer.step()
@@ -451,8 +452,10 @@ def run(args, device, rank: int, world: int):
             notes = load_pretrained(model, load_checkpoint(Path(args.finetune), keys=set()))
             if is_rank_0():
                 print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
-    except (RuntimeError, ValueError) as e:  # weights that do not fit (a hand-edited file, another model)
-        fail(f"{args.resume or args.finetune}: {str(e).strip().splitlines()[-1]}")
+    except RuntimeError as e:  # weights that do not fit their own config: a damaged or hand-edited file
+        fail(f"{args.resume}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1]})")
+    except ValueError as e:  # weights of another model
+        fail(f"--finetune {args.finetune} {e}")
     per_rank = args.batch_size // (world * args.accum_steps)
     loaders = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device, rank, world)
     train_loader, val_loader = loaders

@@ -183,7 +183,8 @@ def benchmark(args, ours, device) -> dict:
     return rows
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The benchmark's own flags, and train.py's: the models, the data and the recipe."""
     p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--rows", default=ROWS, help=f"the models, as PE mode:pooling, comma-separated [{ROWS}]")
     p.add_argument("--steps", type=train.COUNT, default=10, help="timed steps per model per round [10]")
@@ -205,6 +206,11 @@ def main(argv=None):
         train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in names)}")
     if ours.json and (Path(ours.json).is_dir() or not os.access(Path(ours.json).parent, os.W_OK)):
         train.fail(f"--json {ours.json} cannot be written: give a file in a folder you can write")
+    return ours, args
+
+
+def main(argv=None):
+    ours, args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = {
         "data loader": dict(images_per_sec=time_data_loader(args, device))

@@ -61,8 +61,8 @@ class Augmented(Dataset):
         except Exception as e:  # a corrupt, truncated or non-image file: name it
             where = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"image {index}"
             raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); delete or replace it") from None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(self.seed, epoch, copy, index))
+        with torch.random.fork_rng(devices=[]):  # the CPU's generator, put back after (CUDA's is not touched)
+            torch.default_generator.manual_seed(seed_of(self.seed, epoch, copy, index))
             return self.transform(img), label
 
 

@@ -29,6 +29,8 @@ def load_pretrained(model, checkpoint: dict) -> list[str]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("holds no weights: a dict of tensors, alone or under 'model'")
     own, notes = model.state_dict(), []
+    if not set(state) & set(own):
+        raise ValueError(f"holds none of this model's weights (it has {', '.join(sorted(state)[:3])}, ...)")
     if "pos_embed" in state and "pos_embed" in own:
         had_cls = "cls_token" in state
         pos = resize_pos_embed(

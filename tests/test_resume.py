@@ -1,0 +1,274 @@
+"""Never losing a run: a kill at any point resumes at once to the same weights, an interrupt says what is
+saved and how to go on, files are written whole, and a run's folder holds that run alone."""
+
+import errno
+import gc
+import os
+import shlex
+import signal
+import weakref
+from datetime import timedelta
+
+import pytest
+import torch
+from conftest import (
+    QUIET,
+    TINY,
+    epochs_in,
+    run_train,
+    same_weights,
+    snapshot,
+    train_script,
+    write_image_folder,
+)
+
+import train
+
+# 64 images in batches of 16: 4 optimizer steps an epoch. Step 6 is the middle of the second epoch.
+
+
+def test_a_run_killed_mid_epoch_resumes_at_once_to_the_same_weights(tmp_path):
+    """SIGKILL in epoch 2 (no handler runs), then at once --resume auto alone: the run ends bit for bit as
+    one never stopped, though its DataLoader workers outlive the killed process a moment. Nothing of that
+    process is needed: each epoch is seeded from (seed, epoch, rank) and each image's augmentation from
+    its index, so even another worker count changes nothing."""
+    flags = [*TINY, "--workers", "2", "--epochs", "3"]
+    train.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    killed = train_script(tmp_path, *flags, "--output-dir", str(tmp_path / "killed"), signal_at=6, sig=9)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert epochs_in(tmp_path / "killed") == [1]
+    train.main(["--resume", "auto", "--output-dir", str(tmp_path / "killed"), "--workers", "1"])
+    assert same_weights(tmp_path / "straight/checkpoint.pt", tmp_path / "killed/checkpoint.pt")
+    assert epochs_in(tmp_path / "killed") == [1, 2, 3]
+
+
+def interrupt_at(monkeypatch, at: int):
+    """Ctrl-C at the optimizer's at-th step, in this process."""
+    step, seen = torch.optim.AdamW.step, []
+
+    def stepping(self, *args, **kwargs):
+        seen.append(1)
+        if len(seen) == at:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stepping)
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_so_and_its_command_starts_the_run_again(
+    tmp_path, monkeypatch, capsys
+):
+    """Nothing was saved, and the command it prints starts that same run again (not a resume, which would
+    start a new run with every default): it ends as a run never stopped; so does a resumed one on the
+    device data path."""
+    flags = [*TINY, "--device-data", "on", "--epochs", "2"]
+    train.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(SystemExit) as stopped:
+            train.main([*flags, "--output-dir", str(tmp_path / "run")])
+    assert stopped.value.code == 130 and snapshot(tmp_path / "run") == {}
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    command = shlex.split(line.split("interrupted before its first checkpoint. Start again: ")[1])
+    assert command[:2] == ["python", "train.py"]
+    with monkeypatch.context() as m:
+        interrupt_at(m, 6)
+        with pytest.raises(SystemExit):
+            train.main(command[2:])
+    assert epochs_in(tmp_path / "run") == [1]
+    train.main(["--resume", "auto", "--output-dir", str(tmp_path / "run")])
+    assert same_weights(tmp_path / "straight/checkpoint.pt", tmp_path / "run/checkpoint.pt")
+
+
+def test_a_preemption_says_what_is_saved_and_its_command_goes_on(tmp_path):
+    """SIGTERM to the whole process group (a scheduler's preemption: the loader workers get it too): exit
+    130, no traceback, and one last line with the epoch saved and the command that goes on, which ends
+    the run as one never stopped."""
+    flags = [*TINY, "--workers", "2", "--epochs", "2"]
+    train.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    run = tmp_path / "run"
+    stopped = train_script(tmp_path, *flags, "--output-dir", str(run), signal_at=6, sig=15, to="group")
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    go_on = f"python train.py --resume auto --output-dir {run}"
+    assert last == f"train.py: interrupted; {run}/checkpoint.pt holds epoch 1. Go on with: {go_on}"
+    train.main(shlex.split(go_on)[2:])
+    assert same_weights(tmp_path / "straight/checkpoint.pt", run / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("lone", ["checkpoint.pt", "best.pt", "metrics.jsonl"])
+def test_a_new_run_refuses_a_folder_that_holds_any_of_a_runs_files(tmp_path, lone):
+    """A lone best.pt too: a new run writes over none of them, whatever reads them (--finetune may)."""
+    run_train(tmp_path, "--epochs", "1", name="other")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / lone).write_bytes((tmp_path / "other" / lone).read_bytes())
+    before = snapshot(tmp_path / "run")
+    with pytest.raises(
+        SystemExit, match="run holds a run's files: continue it with --resume auto, or choose"
+    ):
+        run_train(
+            tmp_path,
+            "--epochs",
+            "1",
+            *(["--finetune", str(tmp_path / "run/best.pt")] if lone == "best.pt" else []),
+        )
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_resume_writes_into_its_own_runs_folder_only(tmp_path):
+    """Runs a and b; b resumed by path goes on in b's folder, and a resume into any other folder is
+    refused: a stays as it was."""
+    run_train(tmp_path, "--epochs", "2", name="a")
+    run_train(tmp_path, "--epochs", "1", "--seed", "7", name="b")
+    a = snapshot(tmp_path / "a")
+    train.main(["--resume", str(tmp_path / "b/checkpoint.pt"), "--epochs", "2"])
+    assert epochs_in(tmp_path / "b") == [1, 2]
+    for other in ("a", "c"):
+        with pytest.raises(
+            SystemExit, match=r"a resume writes into its run's own folder, .*b: drop --output-dir"
+        ):
+            train.main(
+                [
+                    "--resume",
+                    str(tmp_path / "b/checkpoint.pt"),
+                    "--epochs",
+                    "3",
+                    "--output-dir",
+                    str(tmp_path / other),
+                ]
+            )
+    assert snapshot(tmp_path / "a") == a and not (tmp_path / "c").exists()
+
+
+def test_resuming_an_older_checkpoint_over_its_runs_newer_one_is_refused(tmp_path):
+    run_train(tmp_path, "--epochs", "3", "--lr", "1e-9", "--warmup-epochs", "0")  # best.pt: an early epoch
+    assert torch.load(tmp_path / "run/best.pt", weights_only=True)["epoch"] < 2
+    history = snapshot(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"checkpoint.pt holds a newer epoch than .*best.pt, which a resume"):
+        train.main(["--resume", str(tmp_path / "run/best.pt"), "--epochs", "4"])
+    assert snapshot(tmp_path / "run") == history
+    train.main(["--eval-only", "--resume", str(tmp_path / "run/best.pt")])  # an evaluation writes nothing
+
+
+def test_a_resume_notices_a_data_set_that_changed(tmp_path):
+    write_image_folder(tmp_path / "data")
+    flags = [
+        "--data",
+        "imagenet",
+        "--data-path",
+        str(tmp_path / "data"),
+        "--model",
+        "deit_tiny",
+        "--img-size",
+        "32",
+    ]
+    flags += [
+        "--patch-size",
+        "8",
+        "--dim",
+        "32",
+        "--depth",
+        "1",
+        "--heads",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+    ]
+    train.main([*flags, "--epochs", "1", "--output-dir", str(tmp_path / "run")])
+    (tmp_path / "data/train/cat/8.jpg").write_bytes((tmp_path / "data/train/cat/0.jpg").read_bytes())
+    history = snapshot(tmp_path / "run")
+    with pytest.raises(
+        SystemExit, match=r"the data differ from the checkpoint's \(.*'train': 24.*'train': 25"
+    ):
+        train.main(["--resume", "auto", "--output-dir", str(tmp_path / "run"), "--epochs", "2"])
+    assert snapshot(tmp_path / "run") == history
+
+
+def test_a_resume_keeps_its_flags_but_where_and_how_it_runs(tmp_path):
+    """A resumed run is its checkpoint's flags with the command line on top: the same value again is
+    welcome (torchrun restarts the whole command), a new one only for MAY_CHANGE."""
+    run_train(tmp_path, "--epochs", "1")
+    for flag, value in (
+        ("--lr", "0.1"),
+        ("--pe", "lape"),
+        ("--dim", "48"),
+        ("--seed", "3"),
+        ("--recipe", "deit"),
+    ):
+        with pytest.raises(SystemExit, match=f"{flag} differs from the checkpoint's, which a resume keeps"):
+            run_train(tmp_path, "--resume", "auto", flag, value)
+    best = run_train(tmp_path, "--resume", "auto", "--epochs", "2", "--workers", "1", "--log-every", "3")
+    assert best["epoch"] in (1, 2) and epochs_in(tmp_path / "run") == [1, 2]
+    with pytest.raises(SystemExit, match="nothing to train: the checkpoint holds epoch 2 and --epochs is 2"):
+        train.main(["--resume", "auto", "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_full_disk_mid_write_leaves_the_file_before_it_whole(tmp_path, monkeypatch):
+    """ENOSPC half-way through a checkpoint: one line, every file as it was byte for byte, no temporary
+    file left; and the run goes on from its checkpoint once there is space."""
+    run_train(tmp_path, "--epochs", "1")
+    before = snapshot(tmp_path / "run")
+    save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"\0" * 100)  # a part was written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(
+        SystemExit, match=r"could not write .*run/(best|checkpoint).pt \(.*No space left on device"
+    ):
+        run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    assert snapshot(tmp_path / "run") == before
+    monkeypatch.setattr(torch, "save", save)
+    run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    assert epochs_in(tmp_path / "run") == [1, 2]
+
+
+def test_a_save_is_on_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
+    """What survives a power loss: the new bytes are flushed to the disk before the rename, and the rename
+    itself after it (a journal may otherwise replay the rename over an empty file)."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))) or fsync(fd)
+    )
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
+    train.save(tmp_path / "x.pt", {"w": torch.zeros(2)})
+    assert events == [("fsync", False), ("replace", str(tmp_path / "x.pt")), ("fsync", True)]
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.zeros(2))
+
+
+def test_the_resumed_checkpoint_is_freed_once_applied(tmp_path, monkeypatch):
+    """The checkpoint's weights (and optimizer state: a DeiT-B's is about 1 GB) are not held while the
+    resumed run trains."""
+    run_train(tmp_path, "--epochs", "1")
+    load, train_one_epoch, loaded, alive = train.load_checkpoint, train.train_one_epoch, [], []
+
+    def remembered(path, keys=train.CHECKPOINT_KEYS, mmap=False):
+        ckpt = load(path, keys, mmap)
+        loaded.append(weakref.ref(ckpt["model"]["head.weight"])) if not mmap else None
+        return ckpt
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive.append(loaded[0]() is not None)
+        return train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "load_checkpoint", remembered)
+    monkeypatch.setattr(train, "train_one_epoch", watched)
+    run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    assert alive == [False]
+
+
+def test_no_process_waits_for_another_for_minutes(monkeypatch):
+    """The process group's timeout (NCCL's default is 10 minutes, gloo's 30): a process that hangs or
+    died outside torchrun ends the others' collectives within two minutes."""
+    asked = {}
+    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **kw: asked.update(kw) or exit(0))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        train.main([*TINY, *QUIET])
+    assert asked["timeout"] <= timedelta(minutes=2)

@@ -1,0 +1,330 @@
+"""train.py end to end: a run's files, the first command, DDP as one process, accumulation, fine-tuning,
+the compiled path, the schedule and the optimizer of each anchor, and every recipe value at work."""
+
+import json
+import math
+import re
+
+import pytest
+import torch
+from conftest import QUIET, TINY, epochs_in, run_train, train_script, weights, write_image_folder
+
+import train
+from mpvg import PE_MODES, create_model, load_model
+from training.finetune import load_pretrained, resize_pos_embed
+
+MODES = ["default", "lape", "pvg", "mpvg"]
+
+
+def test_a_run_writes_its_checkpoints_and_metrics_and_reloads(tmp_path, capsys):
+    """A line per epoch in metrics.jsonl, checkpoints that load back as the model (mpvg.load_model) and
+    evaluate to the same top-1, and progress lines every --log-every steps, also off a terminal."""
+    best = run_train(tmp_path, "--epochs", "2", "--pe", "mpvg", "--log-every", "2")
+    lines = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    keys = {"epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "images_per_sec", "seconds"}
+    assert [m["epoch"] for m in lines] == [1, 2] and all(set(m) == keys for m in lines)
+    assert all(math.isfinite(v) for m in lines for v in m.values())
+    out = capsys.readouterr().out
+    progress = re.findall(r"^epoch (\d) step (\d)/4  loss [\d.]+  \d+ img/s$", out, re.M)
+    assert progress == [("1", "2"), ("1", "4"), ("2", "2"), ("2", "4")]
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert set(ckpt) == train.CHECKPOINT_KEYS and ckpt["epoch"] == 1 and ckpt["history"] == lines
+    model = load_model(tmp_path / "run/best.pt")
+    assert not model.training and model.cfg.num_classes == 16 and model.cfg.pe == "mpvg"
+    evaluated = train.main(["--eval-only", "--resume", str(tmp_path / "run/best.pt")])  # its flags its own
+    assert evaluated["val_top1"] == best["val_top1"]
+
+
+def test_the_first_command_learns_the_built_in_task(tmp_path, capsys):
+    """The README's first run, smaller (16 px, 6 epochs): well above the chance it prints."""
+    flags = [
+        "--data",
+        "synthetic",
+        "--img-size",
+        "16",
+        "--synthetic-size",
+        "1024",
+        "--epochs",
+        "6",
+        "--dim",
+        "32",
+    ]
+    flags += ["--depth", "2", "--heads", "2", "--batch-size", "32", "--lr", "3e-3", "--workers", "0"]
+    best = train.main([*flags, "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    chance = float(re.search(r"chance: ([\d.]+)%", out).group(1))
+    assert chance < 15 and best["val_top1"] > 2.5 * chance, out
+
+
+def test_two_processes_under_torchrun_equal_one_and_go_on_after_a_kill(tmp_path):
+    """DDP with gloo under torchrun: the batch split over 2 processes gives the weights of one process, for
+    per-image augmentation (seeded by image and epoch); batch-level randomness (Mixup, CutMix, drop path,
+    dropout) is drawn in each process, so it is off here. One of the two is killed in epoch 1: torchrun
+    (--max-restarts) starts the command again and, as it carries --resume auto, the run starts anew. (With
+    more than one process, a restart needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: pytorch#135712.)"""
+    flags = [*TINY, "--epochs", "3", *QUIET, "--resume", "auto"]
+    launcher = ["--standalone", "--nproc_per_node=2", "--max-restarts=1"]
+    result = train_script(
+        tmp_path, *flags, "--output-dir", str(tmp_path / "ddp"), signal_at=3, torchrun=launcher
+    )
+    assert result.returncode == 0 and "exitcode: -9" in result.stderr, result.stderr[
+        -3000:
+    ]  # killed, restarted
+    assert epochs_in(tmp_path / "ddp") == [1, 2, 3]
+    train.main([*flags, "--output-dir", str(tmp_path / "one")])
+    a, b = weights(tmp_path / "ddp/checkpoint.pt"), weights(tmp_path / "one/checkpoint.pt")
+    torch.manual_seed(0)
+    start = create_model("vit_lite_7_4", pe="mpvg", img_size=16, dim=32, depth=2, heads=2, num_classes=16)
+    assert all(
+        (a[k] - start.state_dict()[k]).abs().max() > 1e-4 for k in ("head.weight", "blocks.1.attn.qkv.weight")
+    )
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_accumulated_micro_batches_make_exactly_the_large_step(tmp_path):
+    """Two micro-batches of 4 give the update of one batch of 8 (float64, no BatchNorm); and a run with
+    --accum-steps 2 ends with the weights of the run without."""
+    cfg = dict(pe="mpvg", img_size=16, patch_size=8, dim=16, heads=2, depth=2, num_classes=5)
+    a, b = (create_model("deit_tiny", **cfg).double().train() for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    img, target = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(5, (8,))
+    opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05) for m in (a, b))
+    loss_a = train.train_step(a, opt_a, [(img, target)], smoothing=0.1)
+    loss_b = train.train_step(b, opt_b, [(img[:4], target[:4]), (img[4:], target[4:])], smoothing=0.1)
+    assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-12)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
+    run_train(tmp_path, "--epochs", "2", *QUIET, name="whole")
+    run_train(tmp_path, "--epochs", "2", *QUIET, "--accum-steps", "2", name="accumulated")
+    whole, accumulated = (
+        weights(tmp_path / "whole/checkpoint.pt"),
+        weights(tmp_path / "accumulated/checkpoint.pt"),
+    )
+    for k in whole:
+        torch.testing.assert_close(whole[k], accumulated[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_finetune_gives_a_new_head_and_a_resized_pe_in_every_mode(tmp_path, mode, capsys):
+    """A 16-class, 16 px checkpoint fine-tuned at 24 px onto 100 classes (CIFAR-100's count): every weight
+    but the head and pos_embed carries over; pos_embed's patch rows are resized, its class slot kept."""
+    run_train(tmp_path, "--epochs", "1", "--pe", mode, name="pre")
+    pre = weights(tmp_path / "pre/checkpoint.pt")
+    model = create_model("vit_lite_7_4", pe=mode, img_size=24, dim=32, depth=2, heads=2)
+    assert load_pretrained(model, dict(model=pre))[0] == "a new head for 100 classes"
+    after = model.state_dict()
+    assert all(torch.equal(after[k], pre[k]) for k in pre if not k.startswith("head.") and k != "pos_embed")
+    cls = int(PE_MODES[mode]["pool"] == "cls")
+    torch.testing.assert_close(after["pos_embed"][:, cls:], resize_pos_embed(pre["pos_embed"][:, cls:], 6))
+    assert torch.equal(after["pos_embed"][:, :cls], pre["pos_embed"][:, :cls])
+    run_train(
+        tmp_path,
+        "--epochs",
+        "1",
+        "--pe",
+        mode,
+        "--img-size",
+        "24",
+        "--finetune",
+        str(tmp_path / "pre/best.pt"),
+        name="fine",
+    )
+    assert f"--finetune {tmp_path / 'pre/best.pt'}: loaded" in capsys.readouterr().out
+    with pytest.raises(
+        SystemExit, match=r"--finetune .*pre/best.pt is another architecture \(.*32\) there, .*48\) here"
+    ):
+        run_train(
+            tmp_path,
+            "--epochs",
+            "1",
+            "--pe",
+            mode,
+            "--dim",
+            "48",
+            "--finetune",
+            str(tmp_path / "pre/best.pt"),
+            name="x",
+        )
+
+
+@pytest.mark.parametrize("layout", ["timm", "deit"])
+def test_finetune_from_a_timm_or_deit_checkpoint(tmp_path, layout):
+    """timm's DeiT weights (timm saves the weights alone, DeiT's releases them under "model") into an MPVG
+    model at another resolution and class count; pe_norm and last_pe_norm, which DeiT lacks, start new."""
+    timm = pytest.importorskip("timm")
+    theirs = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2)
+    state = theirs.state_dict()
+    torch.save(state if layout == "timm" else {"model": state}, tmp_path / "deit.pth")
+    write_image_folder(tmp_path / "data")
+    flags = [
+        "--data",
+        "imagenet",
+        "--data-path",
+        str(tmp_path / "data"),
+        "--model",
+        "deit_tiny",
+        "--img-size",
+        "48",
+    ]
+    flags += ["--patch-size", "8", "--depth", "2", "--batch-size", "8", "--workers", "0", "--epochs", "1"]
+    train.main(
+        [
+            *flags,
+            "--lr",
+            "1e-12",
+            "--warmup-lr",
+            "0",
+            "--finetune",
+            str(tmp_path / "deit.pth"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    after = weights(tmp_path / "run/checkpoint.pt")
+    torch.testing.assert_close(after["blocks.1.mlp.fc1.weight"], state["blocks.1.mlp.fc1.weight"])  # lr ~ 0
+    torch.testing.assert_close(
+        after["pos_embed"], resize_pos_embed(state["pos_embed"][:, 1:], 6), atol=1e-6, rtol=0
+    )
+    assert after["head.weight"].shape == (3, 192) and "blocks.1.pe_norm.weight" in after
+
+
+@pytest.mark.parametrize("mode", ["lape", "mpvg"])
+def test_torch_compile_traces_every_pe_mode_in_one_graph(mode):
+    """fullgraph=True: no graph break, and the traced forward and backward equal eager's. LaPE and MPVG
+    between them take every branch of the forward: the class token and GAP, PE on the patches or not,
+    pe_norm in every layer or from layer 1, and the Last-LN PE."""
+    torch._dynamo.reset()
+    model = create_model("deit_tiny", pe=mode, img_size=16, patch_size=4, dim=16, heads=2, depth=2)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    img = torch.randn(2, 3, 16, 16)
+    eager = model(img)
+    eager.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    traced = compiled(img)
+    traced.sum().backward()
+    torch.testing.assert_close(traced, eager)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
+
+
+def test_compiled_training_evaluates_and_resumes(tmp_path, monkeypatch):
+    """--compile end to end on the device data path, with a short last validation batch (padded to one
+    shape, the padding not counted). The suite compiles with the aot_eager backend: dynamo traces the real
+    loop, loaders and model in seconds; inductor would take minutes on a CPU."""
+    compile = torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda model, **kw: compile(model, backend="aot_eager", dynamic=False)
+    )
+    torch._dynamo.reset()
+    flags = ["--device-data", "on", "--synthetic-size", "80", "--compile"]
+    run_train(tmp_path, *flags, "--epochs", "1")
+    run_train(tmp_path, *flags, "--epochs", "2", "--resume", "auto")
+    eager = train.main(["--eval-only", "--resume", str(tmp_path / "run/checkpoint.pt")])
+    last = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[-1])
+    assert last["epoch"] == 2 and last["val_top1"] == pytest.approx(eager["val_top1"])
+    assert last["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-4)  # 16 images: 16 and none padded
+
+
+@pytest.mark.parametrize("device_data", ["on", "off"])
+def test_every_loader_yields_plain_tensors(device_data):
+    """torchvision's tv_tensors.Image must never reach the model (under dynamo in torch 2.11 it recursed
+    in __torch_function__): training and validation batches, DataLoader workers and the device path."""
+    args = train.parse_args([*TINY, "--device-data", device_data, "--workers", "2"])
+    train_set, val_set = train.build_datasets(args, 16)
+    for loader in train.make_loaders(args, train_set, val_set, 16, 16, torch.device("cpu"), 0, 1):
+        img, target = next(iter(loader))
+        assert type(img) is torch.Tensor and type(target) is torch.Tensor and img.dtype == torch.float32
+
+
+@pytest.mark.parametrize("recipe", ["deit", "cifar"])
+def test_the_lr_schedule_of_every_epoch_is_timms(recipe):
+    """Linear warmup from warmup_lr, cosine from the peak to min_lr, then cooldown at min_lr: every epoch
+    of both recipes against the rule written out here; DeiT's peak is 5e-4 x batch / 512."""
+    args = train.parse_args(["--recipe", recipe, "--batch-size", "1024"])
+    r = train.RECIPES[recipe]
+    peak = r["lr"] * (1024 / r["lr_batch_scale"] if r["lr_batch_scale"] else 1)
+    cosine = r["epochs"] - r["cooldown_epochs"]
+    for epoch in range(r["epochs"]):
+        if epoch < r["warmup_epochs"]:
+            expected = r["warmup_lr"] + (peak - r["warmup_lr"]) * epoch / r["warmup_epochs"]
+        elif epoch < cosine:
+            expected = r["min_lr"] + (peak - r["min_lr"]) * (1 + math.cos(math.pi * epoch / cosine)) / 2
+        else:
+            expected = r["min_lr"]
+        assert train.lr_at(epoch, args) == pytest.approx(expected, rel=1e-12), epoch
+
+
+@pytest.mark.parametrize("recipe, decays_pos", [("deit", False), ("cifar", True)])
+def test_the_optimizer_decays_what_each_anchor_decays(recipe, decays_pos):
+    """Never biases or LayerNorms; pos_embed and cls_token not under DeiT (its no_weight_decay), but under
+    Compact Transformers (which has no exemption list)."""
+    args = train.parse_args(["--recipe", recipe])
+    model = create_model("deit_tiny", pe="lape", depth=2, img_size=32, patch_size=16)
+    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert all(g["weight_decay"] in (0.0, args.weight_decay) for g in optimizer.param_groups)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(names)
+    matrices = {n for n, p in model.named_parameters() if p.ndim >= 2} - {"pos_embed", "cls_token"}
+    assert decayed == matrices | ({"pos_embed", "cls_token"} if decays_pos else set())
+
+
+BASE = dict(epochs=2, warmup_epochs=1, cooldown_epochs=0, batch_size=8)  # every phase of the schedule
+CHANGED = dict(  # each recipe value and another value of it
+    model="deit_tiny", epochs=1, cooldown_epochs=1, batch_size=4, lr=1e-3, lr_batch_scale=4, min_lr=1e-4,
+    warmup_lr=1e-4, warmup_epochs=0, weight_decay=0.5, decay_pos_embed=False, drop_path=0.3, attn_drop=0.3,
+    smoothing=0.3, mixup=0.3, cutmix=0.3, randaug_magnitude=5, reprob=0.75, repeated_aug=3, crop_scale=0.5,
+    hflip=0.0, eval_crop=0.875, interpolation="bilinear", mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4),
+)  # fmt: skip
+AUGMENTATION = [
+    "crop_scale",
+    "hflip",
+    "interpolation",
+    "randaug_magnitude",
+    "reprob",
+    "mean",
+    "std",
+    "eval_crop",
+]
+FINGERPRINTS = {}  # (flags, recipe) -> fingerprint: the base runs are shared
+
+
+def fingerprint(tmp_path, monkeypatch, flags: tuple, **recipe) -> list:
+    """The final weights and every epoch's validation loss of a tiny run on the cifar recipe, with some of
+    the recipe's values replaced (in RECIPES itself, not by flags)."""
+    key = (flags, tuple(sorted(recipe.items())))
+    if key not in FINGERPRINTS:
+        for name, value in {**BASE, **recipe}.items():
+            monkeypatch.setitem(train.RECIPES["cifar"], name, value)
+        tiny = ["--data", "synthetic", "--recipe", "cifar", "--synthetic-size", "16", "--img-size", "8"]
+        tiny += ["--patch-size", "4", "--dim", "8", "--depth", "2", "--heads", "2", "--workers", "0", *flags]
+        train.main([*tiny, "--output-dir", str(tmp_path / "run")])
+        losses = [json.loads(line)["val_loss"] for line in (tmp_path / "run/metrics.jsonl").open()]
+        FINGERPRINTS[key] = [weights(tmp_path / "run/checkpoint.pt"), losses]
+    return FINGERPRINTS[key]
+
+
+@pytest.mark.parametrize(
+    "key, flags", [(k, ()) for k in CHANGED] + [(k, ("--device-data", "on")) for k in AUGMENTATION]
+)
+def test_every_recipe_value_changes_the_run(tmp_path, monkeypatch, key, flags):
+    """No recipe value is ignored: each, changed alone, changes the weights a run ends with or what its
+    validation measures; the augmentations on both loaders."""
+    base = fingerprint(tmp_path / "base", monkeypatch, flags)
+    changed = fingerprint(tmp_path / "changed", monkeypatch, flags, **{key: CHANGED[key]})
+    same = base[1] == changed[1] and base[0].keys() == changed[0].keys()
+    assert not same or any(not torch.equal(base[0][k], changed[0][k]) for k in base[0]), (
+        f"{key} changes nothing"
+    )
+
+
+def test_training_stops_on_a_non_finite_loss_before_saving(tmp_path):
+    """Epoch 1 trains at the warmup's 1e-6, epoch 2 at a peak of 1e38: the loss overflows in epoch 2 and
+    the run stops in one line, epoch 1's checkpoint whole and the last saved."""
+    with pytest.raises(
+        SystemExit, match=r"the loss became (nan|inf) in epoch 2, step \d; stopped before saving"
+    ):
+        run_train(tmp_path, "--epochs", "3", "--lr", "1e38", "--log-every", "1", *QUIET)
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 0
