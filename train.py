@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
 from training import device_data
-from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_transforms, seed_of
+from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_transforms, chance, seed_of
 from training.finetune import load_pretrained
 from training.mixing import Mixing
 
@@ -81,15 +81,13 @@ COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DATA = {"cifar100": "cifar", "imagenet": "deit", "synthetic": "synthetic"}  # each data set's recipe
 ON_OFF = ["auto", "on", "off"]
 TIMEOUT = timedelta(minutes=2)  # the longest a process waits for another (one that died outside torchrun)
-
-
-def is_rank_0() -> bool:
-    return os.environ.get("RANK", "0") == "0"  # torchrun's; a single process is rank 0
+MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
+PROG = Path(sys.argv[0]).name  # what a message begins with, as argparse's do: train.py, or a tool's name
 
 
 def fail(message: str, every_rank: bool = False):
     """A user's error: one line, no traceback, from rank 0 alone unless only this rank met it."""
-    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}" if every_rank or is_rank_0() else 1)
+    raise SystemExit(f"{PROG}: error: {message}" if every_rank or MASTER else 1)
 
 
 # The command line
@@ -153,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--data-path", "where CIFAR-100 is (or is downloaded to), or a folder with train/ and val/")
     add(g, "--synthetic-size", "training images of --data synthetic, a fifth as many to validate", type=COUNT)
     add(g, "--workers", "loader workers per process: min(8, CPU cores)", type=NATURAL)
-    add(g, "--device-data", "on the device, augmented there (auto: cifar100 on a GPU)", choices=ON_OFF)
+    add(g, "--device-data", "on the device, augmented there (auto: for cifar100 on a GPU)", choices=ON_OFF)
     g = p.add_argument_group("model (left out: the preset's value, or the --pe mode's)")
     add(g, "--model", "preset [from --recipe]", choices=list(PRESETS))
     add(g, "--pe", "PE mode", choices=list(PE_MODES))
@@ -209,13 +207,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail("--resume or --finetune got an empty path (is a shell variable unset?)")
     if "resume" in given and "finetune" in given:
         fail("--resume goes on with a run and --finetune starts a new one: give one of them")
-    out, resume = Path(given.get("output_dir", DEFAULTS["output_dir"])), given.get("resume")
-    evaluating = given.get("eval_only", False)
+    resume, evaluating = given.get("resume"), given.get("eval_only")
+    out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
     path = out / "checkpoint.pt" if resume == "auto" else resume and Path(resume)
     if not path or (resume == "auto" and not path.exists()):
         if evaluating:
             fail("--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir")
-        if resume and is_rank_0():
+        if resume and MASTER:
             print(f"--resume auto: no checkpoint in {out}, starting a new run")
         recipe = given.get("recipe") or DATA[given.get("data", DEFAULTS["data"])]
         return argparse.Namespace(**DEFAULTS | RECIPES[recipe] | given | dict(recipe=recipe, resume=None))
@@ -247,12 +245,6 @@ def build_datasets(args, img_size: int) -> tuple[Dataset, Dataset]:
     if train.classes != val.classes:
         fail(f"{root}/train and {root}/val hold different class folders; they must match")
     return train, val
-
-
-def chance(train_set, val_set) -> float:
-    """Validation top-1 of always answering the training set's commonest class, in percent."""
-    commonest = torch.bincount(torch.tensor(train_set.targets)).argmax()
-    return 100 * (torch.tensor(val_set.targets) == commonest).float().mean().item()
 
 
 def make_loaders(args, train_set, val_set, img_size: int, batch: int, device, rank: int, world: int):
@@ -424,7 +416,7 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch: int, device, 
         if step % args.log_every == 0:  # the loop's only waits for the device
             current = all_reduce(loss.clone()).item() / world
             check_finite(current, f"epoch {epoch + 1}, step {step}")
-            if is_rank_0():
+            if MASTER:
                 rate = seen / (time.perf_counter() - start)
                 print(f"epoch {epoch + 1} step {step}/{steps}  loss {current:.4f}  {rate:.0f} img/s")
     count = torch.tensor(seen / world, device=device, dtype=torch.float64)
@@ -450,25 +442,24 @@ def run(args, device, rank: int, world: int):
             model.load_state_dict(ckpt["model"])
         elif args.finetune:
             notes = load_pretrained(model, load_checkpoint(Path(args.finetune), keys=set()))
-            if is_rank_0():
+            if MASTER:
                 print(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
     except RuntimeError as e:  # weights that do not fit their own config: a damaged or hand-edited file
         fail(f"{args.resume}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1]})")
     except ValueError as e:  # weights of another model
         fail(f"--finetune {args.finetune} {e}")
-    per_rank = args.batch_size // (world * args.accum_steps)
-    loaders = make_loaders(args, train_set, val_set, cfg.img_size, per_rank, device, rank, world)
+    batch = args.batch_size // (world * args.accum_steps)  # each process's, each micro-batch's
+    loaders = make_loaders(args, train_set, val_set, cfg.img_size, batch, device, rank, world)
     train_loader, val_loader = loaders
     compiled = compile_model(model, args.compile)
-    static = per_rank if args.compile else None  # one shape for the compiled graph
+    static = batch if args.compile else None  # one shape for the compiled graph
     if args.eval_only:
         metrics = evaluate(compiled, val_loader, device, static)
-        if is_rank_0():
+        if MASTER:
             print(f"{args.resume}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
     if len(train_loader) < args.accum_steps:
         fail(f"{len(train_loader.sampler)} training images a process make no step: lower --batch-size")
-
     optimizer, start, history = build_optimizer(model, args, device), 0, []
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -478,7 +469,7 @@ def run(args, device, rank: int, world: int):
             fail(f"nothing to train: the checkpoint holds epoch {start} and --epochs is {args.epochs}")
     elif any((out / name).exists() for name in ("checkpoint.pt", "best.pt", "metrics.jsonl")):
         fail(f"{out} holds a run's files: continue it with --resume auto, or choose another --output-dir")
-    if is_rank_0():
+    if MASTER:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -504,7 +495,7 @@ def run(args, device, rank: int, world: int):
         metrics.update(lr=lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
         is_best = metrics["val_top1"] > max((m["val_top1"] for m in history), default=-1.0)
         history.append(metrics)
-        if is_rank_0():  # best.pt first: checkpoint.pt never names a best epoch whose file is not there
+        if MASTER:  # best.pt first: checkpoint.pt never names a best epoch whose file is not there
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=data)
             state |= dict(model_config=asdict(cfg), args=vars(args), history=history)
             for name in ("best.pt", "checkpoint.pt") if is_best else ("checkpoint.pt",):
@@ -512,7 +503,7 @@ def run(args, device, rank: int, world: int):
             save(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
             print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     best = max(history, key=lambda m: m["val_top1"])
-    if is_rank_0():
+    if MASTER:
         print(f"best val_top1 {best['val_top1']:.2f} at epoch {best['epoch']}: {out}/best.pt")
     return best
 
@@ -524,8 +515,7 @@ def main(argv=None):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % (world * args.accum_steps):
         fail(f"--batch-size {args.batch_size} does not split evenly over {world} process(es) x --accum-steps")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     try:
@@ -533,11 +523,8 @@ def main(argv=None):
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         return run(args, device, rank, world)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (a scheduler's, torchrun's): see the end of the file
-        if rank == 0:
-            print(
-                f"\n{Path(sys.argv[0]).name}: {interrupted(Path(args.output_dir), argv, world)}",
-                file=sys.stderr,
-            )
+        if MASTER:
+            print(f"\n{PROG}: {interrupted(Path(args.output_dir), argv, world)}", file=sys.stderr)
         raise SystemExit(130) from None
     except DataError as e:  # from a loader worker, whose traceback's last line is the error itself
         fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)

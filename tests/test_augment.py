@@ -44,34 +44,54 @@ def test_randaugment_ops_equal_torchvisions_functionals_and_pils_transforms():
     x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
     fill = (129, 124, 112)
     pixel_ops = [
-        ("PosterizeIncreasing", 1, TF.posterize(x, 1)), ("PosterizeIncreasing", 0, TF.posterize(x, 0)),
-        ("SolarizeIncreasing", 26, TF.solarize(x, 26)), ("Invert", 0, TF.invert(x)),
+        ("PosterizeIncreasing", 1, TF.posterize(x, 1)),
+        ("PosterizeIncreasing", 0, TF.posterize(x, 0)),
+        ("SolarizeIncreasing", 26, TF.solarize(x, 26)),
+        ("Invert", 0, TF.invert(x)),
         ("SolarizeAdd", 99, torch.where(x < 128, (x.int() + 99).clamp(max=255), x.int()).to(torch.uint8)),
-        ("AutoContrast", 0, TF.autocontrast(x)), ("Equalize", 0, TF.equalize(x)),
+        ("AutoContrast", 0, TF.autocontrast(x)),
+        ("Equalize", 0, TF.equalize(x)),
         ("ColorIncreasing", 0.19, TF.adjust_saturation(x, 0.19)),
         ("ContrastIncreasing", 1.81, TF.adjust_contrast(x, 1.81)),
         ("BrightnessIncreasing", 0.1, TF.adjust_brightness(x, 0.1)),
         ("SharpnessIncreasing", 1.81, TF.adjust_sharpness(x, 1.81)),
-    ]  # fmt: skip
+    ]
 
     def pil(img, name, arg):
         im, kw = Image.fromarray(img.permute(1, 2, 0).numpy()), dict(resample=Image.BILINEAR, fillcolor=fill)
         if name == "Rotate":
             return im.rotate(arg, **kw)
-        matrix = {"ShearX": (1, arg, 0, 0, 1, 0), "ShearY": (1, 0, 0, arg, 1, 0),
-                  "TranslateXRel": (1, 0, arg * 32, 0, 1, 0), "TranslateYRel": (1, 0, 0, 0, 1, arg * 32)}[name]  # fmt: skip
+        matrix = {
+            "ShearX": (1, arg, 0, 0, 1, 0),
+            "ShearY": (1, 0, 0, arg, 1, 0),
+            "TranslateXRel": (1, 0, arg * 32, 0, 1, 0),
+            "TranslateYRel": (1, 0, 0, 0, 1, arg * 32),
+        }[name]
         return im.transform(im.size, Image.AFFINE, matrix, **kw)
 
-    geometric = [(name, arg, torch.stack([torch.from_numpy(np.array(pil(i, name, arg))).permute(2, 0, 1) for i in x]))
-                 for name, arg in (("Rotate", 27.0), ("Rotate", -13.0), ("ShearX", 0.27), ("ShearY", -0.2),
-                                   ("TranslateXRel", 0.3), ("TranslateYRel", -0.405))]  # fmt: skip
+    geometric = [
+        (name, arg, torch.stack([torch.from_numpy(np.array(pil(i, name, arg))).permute(2, 0, 1) for i in x]))
+        for name, arg in (
+            ("Rotate", 27.0),
+            ("Rotate", -13.0),
+            ("ShearX", 0.27),
+            ("ShearY", -0.2),
+            ("TranslateXRel", 0.3),
+            ("TranslateYRel", -0.405),
+        )
+    ]
     for name, arg, expected in pixel_ops + geometric:
         args = torch.full((len(x),), float(arg), dtype=torch.float64)
         out = randaugment.apply_op(name, x, args, torch.zeros(len(x), dtype=torch.bool), fill)
         assert (out.int() - expected.int()).abs().max() <= 1, name
         assert (out != expected).float().mean() < 0.1, name
-    one_channel = randaugment.apply_op("Rotate", x[:, :1], torch.full((3,), 20.0, dtype=torch.float64),
-                                       torch.zeros(3, dtype=torch.bool), fill)  # fmt: skip
+    one_channel = randaugment.apply_op(
+        "Rotate",
+        x[:, :1],
+        torch.full((3,), 20.0, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.bool),
+        fill,
+    )
     assert one_channel.shape == (3, 1, 32, 32)
 
 
@@ -124,8 +144,13 @@ def test_randaugment_draws_ops_and_magnitudes_as_timm():
         torch.testing.assert_close(
             share, torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64), atol=0.025, rtol=0
         )
-    by_op = lambda runs: {name: torch.tensor([a for r in runs for n, a in r if n == name], dtype=torch.float64)  # noqa: E731
-                          for name in randaugment.OPS}  # fmt: skip
+
+    def by_op(runs):
+        return {
+            op: torch.tensor([a for r in runs for n, a in r if n == op], dtype=torch.float64)
+            for op in randaugment.OPS
+        }
+
     theirs_total, ours_total = sum(map(len, theirs)), sum(map(len, ours))
     theirs, ours = by_op(theirs), by_op(ours)
     for name in randaugment.OPS:
@@ -151,9 +176,12 @@ def test_batched_resized_crops_equal_torchvisions_per_image():
         for bicubic in (False, True):
             ours = device_data.resized_crops(x, top, left, h, w, 32, torch.full((24,), bicubic))
             mode = InterpolationMode.BICUBIC if bicubic else InterpolationMode.BILINEAR
-            theirs = torch.stack([
-                TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], mode) for i in range(24)
-            ])  # fmt: skip
+            theirs = torch.stack(
+                [
+                    TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], mode)
+                    for i in range(24)
+                ]
+            )
             error = (ours.int() - theirs.int()).abs()
             assert error.max() <= 2  # rounding: torchvision's uint8 kernels differ from version to version
             assert error.float().mean() < 0.25  # seen: up to 0.04 levels (torchvision 0.29), 0.16 (0.19)
@@ -238,8 +266,10 @@ def test_the_device_loader_draws_anew_for_each_batch_and_epoch_and_repeats_an_ep
     same_order = [[(i, epoch, 0) for i in range(32)] for epoch in (0, 1)]  # the same images in the same order
     images, labels = device_data.as_tensors(data, torch.device("cpu"))
     augment = device_data.BatchAugment(cifar_args(), 32)
-    a, b = (torch.cat([x for x, _ in device_data.DeviceLoader(images, labels, keys, 16, augment, seed=0)])
-            for keys in same_order)  # fmt: skip
+    a, b = (
+        torch.cat([x for x, _ in device_data.DeviceLoader(images, labels, keys, 16, augment, seed=0)])
+        for keys in same_order
+    )
     assert not any(torch.equal(u, v) for u, v in zip(a, b))  # each image drawn anew in the next epoch
     outputs = torch.cat([x for x, _ in first])
     assert len({hash(o.numpy().tobytes()) for o in outputs}) == 96  # every image, batch after batch, its own

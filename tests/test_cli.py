@@ -15,9 +15,10 @@ BAD_VALUES = [  # (flag, a value outside its range), for every flag that has one
     *[(f, "-1") for f in ("--cooldown-epochs", "--warmup-epochs", "--lr-batch-scale", "--workers", "--seed")],
     ("--seed", str(2**32)), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--min-lr", "-0.1"),
     ("--warmup-lr", "nan"), ("--weight-decay", "-0.1"), ("--mixup", "-1"), ("--cutmix", "nan"),
-    ("--drop-path", "1"), ("--attn-drop", "-0.1"), ("--smoothing", "1"), ("--reprob", "2"), ("--hflip", "nan"),
-    ("--crop-scale", "0"), ("--eval-crop", "1.5"), ("--randaug-magnitude", "11"), ("--epochs", "2.5"),
-    ("--pe-input", "yes"), ("--last-pe", "first"), ("--pe", "rope"), ("--model", "deit_huge"), ("--epoch", "5"),
+    ("--drop-path", "1"), ("--attn-drop", "-0.1"), ("--smoothing", "1"), ("--reprob", "2"),
+    ("--hflip", "nan"), ("--crop-scale", "0"), ("--eval-crop", "1.5"), ("--randaug-magnitude", "11"),
+    ("--epochs", "2.5"), ("--pe-input", "yes"), ("--last-pe", "first"), ("--pe", "rope"),
+    ("--model", "deit_huge"), ("--epoch", "5"),
 ]  # fmt: skip
 
 
@@ -150,13 +151,14 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
 
 
 def test_errors_are_printed_by_rank_0_alone(monkeypatch):
-    monkeypatch.setenv("RANK", "1")
+    """Under torchrun every process meets a bad flag: one says it, the others end quietly, non-zero."""
+    monkeypatch.setattr(train, "MASTER", False)  # torchrun's RANK=1
     with pytest.raises(SystemExit) as other_rank:
         train.fail("the same message on every rank")
-    assert other_rank.value.code == 1  # exits non-zero without a word
-    with pytest.raises(SystemExit, match="error: cannot read img.jpg$"):  # one only this rank met
+    assert other_rank.value.code == 1
+    with pytest.raises(SystemExit, match="error: cannot read img.jpg$"):  # one only this process met
         train.fail("cannot read img.jpg", every_rank=True)
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(train, "MASTER", True)
     with pytest.raises(SystemExit, match="^__main__.py: error: the same message on every rank$"):
         train.fail("the same message on every rank")
 
@@ -174,3 +176,17 @@ def test_help_shows_every_default_and_each_recipes_value():
             assert re.search(rf"--{key.replace('_', '-')} .*?\[{re.escape(str(value))}\]", text), key
     for key in train.MAY_CHANGE - {"resume", "eval_only"}:
         assert f"--{key.replace('_', '-')}" in text.split("given anew only")[1].split(".")[0], key
+
+
+def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    for name in ("file", "file/run"):
+        with pytest.raises(SystemExit, match=f"cannot make --output-dir .*{name} "):
+            run_train(tmp_path, "--epochs", "1", name=name)
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_the_largest_seed_runs_on_either_loader(tmp_path):
+    """Every seed derived from --seed (the data's, each epoch's, each image's) stays within torch's range."""
+    for loader in ("on", "off"):
+        run_train(tmp_path, "--epochs", "1", "--seed", str(2**32 - 1), "--device-data", loader, name=loader)

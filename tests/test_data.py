@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import FOLDER_MODEL, write_cifar100, write_image_folder
 
 import train
-from training.data import Augmented, EpochSampler, PlusSigns, build_transforms
+from training.data import Augmented, EpochSampler, PlusSigns, build_transforms, chance
 
 
 def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
@@ -48,8 +48,17 @@ def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
 
 def test_an_image_folder_loads_its_jpegs_and_counts_its_classes(tmp_path):
     write_image_folder(tmp_path / "data")
-    train.main(["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run"),
-                *FOLDER_MODEL])  # fmt: skip
+    train.main(
+        [
+            "--data",
+            "imagenet",
+            "--data-path",
+            str(tmp_path / "data"),
+            "--output-dir",
+            str(tmp_path / "run"),
+            *FOLDER_MODEL,
+        ]
+    )
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     assert ckpt["data"] == dict(train=24, val=12, classes=3) and ckpt["args"]["recipe"] == "deit"
 
@@ -74,9 +83,9 @@ def test_chance_is_the_training_sets_commonest_class_on_the_validation_set():
     """What a model that learnt only the label frequencies scores; the validation set's own commonest class
     would be an oracle. At 32 px plus-sign centres are uniform over 1..30, so cells hold 7, 8, 8 and 7."""
     train_set, val_set = SimpleNamespace(targets=[0, 0, 1]), SimpleNamespace(targets=[1, 1, 1, 0])
-    assert train.chance(train_set, val_set) == 25.0
+    assert chance(train_set, val_set) == 25.0
     big = PlusSigns(20000, img_size=32, seed=4)
-    assert train.chance(big, big) == pytest.approx(100 * 8 * 8 / 900, abs=0.5)
+    assert chance(big, big) == pytest.approx(100 * 8 * 8 / 900, abs=0.5)
 
 
 @pytest.mark.parametrize("n, world", [(64, 1), (67, 3), (10, 4)])

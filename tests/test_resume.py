@@ -272,3 +272,25 @@ def test_no_process_waits_for_another_for_minutes(monkeypatch):
     with pytest.raises(SystemExit):
         train.main([*TINY, *QUIET])
     assert asked["timeout"] <= timedelta(minutes=2)
+
+
+def test_the_interrupt_line_comes_before_the_teardown(tmp_path, monkeypatch, capsys):
+    """A teardown that hangs or fails (NCCL after its peers died) must not swallow the line that says how
+    to go on."""
+    said = []
+    monkeypatch.setattr(train, "run", lambda *args: exec("raise KeyboardInterrupt"))
+    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: said.append(capsys.readouterr().err))
+    with pytest.raises(SystemExit) as stopped:
+        run_train(tmp_path)
+    assert stopped.value.code == 130 and "interrupted before its first checkpoint" in said[0]
+
+
+def test_a_resume_writes_metrics_jsonl_anew_from_its_checkpoint(tmp_path):
+    """metrics.jsonl is the checkpoint's history, written whole after it: a line cut short by a full disk,
+    or the epochs of a run that died after its metrics but before its checkpoint, are no obstacle."""
+    run_train(tmp_path, "--epochs", "1")
+    with open(tmp_path / "run/metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')
+    run_train(tmp_path, "--epochs", "2", "--resume", "auto")
+    assert epochs_in(tmp_path / "run") == [1, 2]

@@ -52,8 +52,14 @@ def test_benchmark_compares_each_mode_with_default_pooled_alike(capsys, monkeypa
     """Each row's step is made to take a known time on a clock the test advances (hours, so the real
     time on top is noise well under 1%, however busy the CPU): the benchmark's seconds, rates and
     comparisons can then be checked exactly."""
-    costs = {("default", "cls"): 1e4, ("default", "gap"): 2e4, ("lape", "cls"): 3e4, ("pvg", "gap"): 4e4,
-             ("mpvg", "gap"): 5e4, None: 5e3}  # fmt: skip
+    costs = {
+        ("default", "cls"): 1e4,
+        ("default", "gap"): 2e4,
+        ("lape", "cls"): 3e4,
+        ("pvg", "gap"): 4e4,
+        ("mpvg", "gap"): 5e4,
+        None: 5e3,
+    }
     clock = [0.0]
 
     train_step = train.train_step

@@ -257,12 +257,17 @@ def analyze(args, ours, device) -> dict:
     return report
 
 
-def main(argv=None):
+def build_parser():
+    """The analysis's own flags; every other flag is train.py's."""
     p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of train.py [none: a new model]")
     p.add_argument("--images", type=train.COUNT, default=64, help="validation images averaged over [64]")
     p.add_argument("--out", default="runs/analysis", help="the folder of the figures and analysis.json")
-    ours, rest = p.parse_known_args(argv)
+    return p
+
+
+def main(argv=None):
+    ours, rest = build_parser().parse_known_args(argv)
     train_flags = ["--eval-only", "--resume", ours.checkpoint] if ours.checkpoint else ["--data", "synthetic"]
     args = train.parse_args([*train_flags, *rest])
     return analyze(args, ours, torch.device("cuda" if torch.cuda.is_available() else "cpu"))

@@ -182,15 +182,19 @@ def summary(out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="speed", help="where logs, JSON and speed.md go")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a rehearsal on a CPU")
     order = "deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling"
     p.add_argument(
         "--stages", default=order, help="a comma-separated subset of the stages, run in this order"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     out, chosen = Path(args.out), args.stages.split(",")
     plan = stages(args.quick, out, min(os.cpu_count() or 1, 16))
     unknown = set(chosen) - set(plan)

@@ -77,10 +77,14 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
     return rows
 
 
-def main(argv=None):
+def build_parser():
     p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--seed", type=train.SEED, default=0, help="data and initialisation [0]")
-    return workshop(p.parse_args(argv).seed)
+    return p
+
+
+def main(argv=None):
+    return workshop(build_parser().parse_args(argv).seed)
 
 
 if __name__ == "__main__":

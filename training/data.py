@@ -39,6 +39,13 @@ class PlusSigns(Dataset):
         return img, self.targets[i]
 
 
+def chance(train_set, val_set) -> float:
+    """Validation top-1 of always answering the training set's commonest class, in percent: what a model
+    that learnt the label frequencies alone scores (the validation set's own commonest would be an oracle)."""
+    commonest = torch.bincount(torch.tensor(train_set.targets)).argmax()
+    return 100 * (torch.tensor(val_set.targets) == commonest).float().mean().item()
+
+
 class DataError(Exception):
     """An image that cannot be read; raised in a loader worker, reported in one line."""
 
