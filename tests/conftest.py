@@ -110,7 +110,7 @@ def write_image_folder(root: Path, n_train=8, n_val=4, size=(40, 48), classes=("
                 Image.fromarray(pixels).save(root / split / c / f"{i}.jpg")
 
 
-FOLDER_MODEL = [  # a DeiT on an ImageFolder of 3 classes, for a CPU test
-    *("--model", "deit_tiny", "--img-size", "32", "--patch-size", "8", "--dim", "32", "--depth", "1"),
-    *("--heads", "2", "--batch-size", "8", "--workers", "0", "--epochs", "1"),
-]
+def folder_run(root: Path, *flags: str) -> list[str]:
+    """train.py's flags of a tiny DeiT on the ImageFolder of write_image_folder(root), for a CPU test."""
+    model = "--model deit_tiny --img-size 32 --patch-size 8 --dim 32 --depth 1 --heads 2 --batch-size 8"
+    return ["--data", "imagenet", "--data-path", str(root), *model.split(), "--workers", "0", *flags]

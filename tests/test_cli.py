@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import FOLDER_MODEL, run_train, write_image_folder
+from conftest import folder_run, run_train, write_image_folder
 
 import train
 
@@ -66,19 +66,7 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, workers, damage):
     with pytest.raises(
         SystemExit, match=rf"^__main__.py: error: cannot read .*dog/3\.jpg \({error}.*delete or replace it$"
     ):
-        train.main(
-            [
-                "--data",
-                "imagenet",
-                "--data-path",
-                str(tmp_path / "data"),
-                "--output-dir",
-                str(tmp_path / "r"),
-                *FOLDER_MODEL,
-                "--workers",
-                workers,
-            ]
-        )
+        train.main(folder_run(tmp_path / "data", "--workers", workers, "--output-dir", str(tmp_path / "r")))
 
 
 def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):

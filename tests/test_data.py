@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FOLDER_MODEL, write_cifar100, write_image_folder
+from conftest import folder_run, write_cifar100, write_image_folder
 
 import train
 from training.data import Augmented, EpochSampler, PlusSigns, build_transforms, chance
@@ -48,17 +48,7 @@ def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
 
 def test_an_image_folder_loads_its_jpegs_and_counts_its_classes(tmp_path):
     write_image_folder(tmp_path / "data")
-    train.main(
-        [
-            "--data",
-            "imagenet",
-            "--data-path",
-            str(tmp_path / "data"),
-            "--output-dir",
-            str(tmp_path / "run"),
-            *FOLDER_MODEL,
-        ]
-    )
+    train.main(folder_run(tmp_path / "data", "--epochs", "1", "--output-dir", str(tmp_path / "run")))
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
     assert ckpt["data"] == dict(train=24, val=12, classes=3) and ckpt["args"]["recipe"] == "deit"
 

@@ -15,6 +15,7 @@ from conftest import (
     QUIET,
     TINY,
     epochs_in,
+    folder_run,
     run_train,
     same_weights,
     snapshot,
@@ -152,30 +153,7 @@ def test_resuming_an_older_checkpoint_over_its_runs_newer_one_is_refused(tmp_pat
 
 def test_a_resume_notices_a_data_set_that_changed(tmp_path):
     write_image_folder(tmp_path / "data")
-    flags = [
-        "--data",
-        "imagenet",
-        "--data-path",
-        str(tmp_path / "data"),
-        "--model",
-        "deit_tiny",
-        "--img-size",
-        "32",
-    ]
-    flags += [
-        "--patch-size",
-        "8",
-        "--dim",
-        "32",
-        "--depth",
-        "1",
-        "--heads",
-        "2",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-    ]
+    flags = folder_run(tmp_path / "data")
     train.main([*flags, "--epochs", "1", "--output-dir", str(tmp_path / "run")])
     (tmp_path / "data/train/cat/8.jpg").write_bytes((tmp_path / "data/train/cat/0.jpg").read_bytes())
     history = snapshot(tmp_path / "run")

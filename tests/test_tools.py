@@ -214,19 +214,21 @@ def test_the_workshop_learns_where_the_plus_is_only_with_pe(capsys):
     assert [(r["pe"], r["pool"]) for r in rows] == models
     assert rows[0]["top1"] < 14 and rows[1]["top1"] > 25, rows
     for r in rows:
-        cfg = dict(img_size=16, patch_size=4, num_classes=16, dim=48, depth=4, heads=3, mlp_ratio=2.0)
-        assert r["params"] == count(create_model("deit_tiny", pe=r["pe"], pool=r["pool"], **cfg))
+        assert r["params"] == count(
+            create_model("deit_tiny", pe=r["pe"], pool=r["pool"], **workshop.TINY_VIT)
+        )
     assert "top-1" in capsys.readouterr().out
 
 
 def test_speed_md_gathers_the_stages_of_several_calls_each_with_its_own_machine(tmp_path, monkeypatch):
-    """speed.py is run a few stages at a time (a lease each): speed.md holds every stage's figures so far,
-    each row saying when, on what and with which torch it ran; a stage run again replaces its figures."""
+    """speed.py is run a few stages at a time (a GPU may be at hand for minutes): speed.md holds every
+    stage's figures so far, each row saying when, on what and with which torch it ran; a stage run again
+    replaces its figures."""
 
     def stage(name, rate=None):  # a stand-in for a benchmark run: writes its JSON, or fails
         rows = {"mpvg.py mpvg (gap)": dict(images_per_sec=rate, ms_per_step=2.0, first_step_s=0.5)}
         code = f"open({str(tmp_path / name)!r} + '.json', 'w').write({json.dumps(dict(rows=rows))!r})"
-        # while it runs, stages.json no longer claims its older run: a lease ending now leaves no false row
+        # while it runs, stages.json no longer claims its older run: a machine gone now leaves no false row
         unclaimed = f"import json; assert {name!r} not in json.load(open({str(tmp_path / 'stages.json')!r}))"
         return [(name, [sys.executable, "-c", f"{unclaimed}; {code}" if rate else "raise SystemExit(3)"], 60)]
 

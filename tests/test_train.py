@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import QUIET, TINY, epochs_in, run_train, train_script, weights, write_image_folder
+from conftest import QUIET, TINY, epochs_in, folder_run, run_train, train_script, weights, write_image_folder
 
 import train
 from mpvg import PE_MODES, create_model, load_model
@@ -118,34 +118,13 @@ def test_finetune_gives_a_new_head_and_a_resized_pe_in_every_mode(tmp_path, mode
     cls = int(PE_MODES[mode]["pool"] == "cls")
     torch.testing.assert_close(after["pos_embed"][:, cls:], resize_pos_embed(pre["pos_embed"][:, cls:], 6))
     assert torch.equal(after["pos_embed"][:, :cls], pre["pos_embed"][:, :cls])
-    run_train(
-        tmp_path,
-        "--epochs",
-        "1",
-        "--pe",
-        mode,
-        "--img-size",
-        "24",
-        "--finetune",
-        str(tmp_path / "pre/best.pt"),
-        name="fine",
-    )
+    pre_best = ["--epochs", "1", "--pe", mode, "--finetune", str(tmp_path / "pre/best.pt")]
+    run_train(tmp_path, *pre_best, "--img-size", "24", name="fine")
     assert f"--finetune {tmp_path / 'pre/best.pt'}: loaded" in capsys.readouterr().out
     with pytest.raises(
         SystemExit, match=r"--finetune .*pre/best.pt is another architecture \(.*32\) there, .*48\) here"
     ):
-        run_train(
-            tmp_path,
-            "--epochs",
-            "1",
-            "--pe",
-            mode,
-            "--dim",
-            "48",
-            "--finetune",
-            str(tmp_path / "pre/best.pt"),
-            name="x",
-        )
+        run_train(tmp_path, *pre_best, "--dim", "48", name="x")
 
 
 @pytest.mark.parametrize("layout", ["timm", "deit"])
@@ -157,29 +136,17 @@ def test_finetune_from_a_timm_or_deit_checkpoint(tmp_path, layout):
     state = theirs.state_dict()
     torch.save(state if layout == "timm" else {"model": state}, tmp_path / "deit.pth")
     write_image_folder(tmp_path / "data")
-    flags = [
-        "--data",
-        "imagenet",
-        "--data-path",
-        str(tmp_path / "data"),
-        "--model",
-        "deit_tiny",
-        "--img-size",
-        "48",
-    ]
-    flags += ["--patch-size", "8", "--depth", "2", "--batch-size", "8", "--workers", "0", "--epochs", "1"]
+    flags = "--img-size 48 --patch-size 8 --depth 2 --dim 192 --heads 3 --epochs 1 --lr 1e-12".split()
+    flags += ["--warmup-lr", "0", "--output-dir", str(tmp_path / "run")]
     train.main(
-        [
+        folder_run(
+            tmp_path / "data",
             *flags,
-            "--lr",
-            "1e-12",
-            "--warmup-lr",
-            "0",
             "--finetune",
             str(tmp_path / "deit.pth"),
             "--output-dir",
             str(tmp_path / "run"),
-        ]
+        )
     )
     after = weights(tmp_path / "run/checkpoint.pt")
     torch.testing.assert_close(after["blocks.1.mlp.fc1.weight"], state["blocks.1.mlp.fc1.weight"])  # lr ~ 0

@@ -17,6 +17,7 @@ import train
 from mpvg import Config, VisionTransformer
 from training.data import PlusSigns
 
+TINY_VIT = dict(img_size=16, patch_size=4, num_classes=16, dim=48, depth=4, heads=3, mlp_ratio=2.0)
 MODELS = [  # (pe, pool): every pairing of the paper's Fig. 1, and no PE at all
     ("none", "gap"),
     ("default", "cls"),
@@ -46,17 +47,7 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
     rows = []
     for pe, pool in models:
         torch.manual_seed(seed)
-        cfg = Config(
-            img_size=16,
-            patch_size=4,
-            num_classes=16,
-            dim=48,
-            depth=4,
-            heads=3,
-            mlp_ratio=2.0,
-            pe=pe,
-            pool=pool,
-        )
+        cfg = Config(**TINY_VIT, pe=pe, pool=pool)
         model = VisionTransformer(cfg)
         loader = DataLoader(train_set, batch_size=64, shuffle=True, drop_last=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
