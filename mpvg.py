@@ -97,9 +97,10 @@ class Config:
             )
         k = self.last_pe
         if k is not None and k != 0 and k not in self.pe_layer_ids:
+            why = f"receives no PE (pe_layers={self.pe_layers!r})" if 0 < k < self.depth else "does not exist"
             raise ValueError(
-                f"last_pe={k} names pos_{k}, but layer {k} receives no PE (pe_layers={self.pe_layers!r}): "
-                f"use 0 (the raw PE) or a layer in {self.pe_layer_ids}"
+                f"last_pe={k} names pos_{k}, but layer {k} {why}: use 0 (the raw PE) or a layer in "
+                f"{self.pe_layer_ids}"
             )
         if k is not None and self.pool != "gap":
             raise ValueError(

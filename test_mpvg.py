@@ -643,7 +643,7 @@ def test_every_config_field_changes_the_model(field):
         (dict(pool="max"), "unknown pool 'max'"),
         (dict(pe_layers="some"), "unknown pe_layers 'some'"),
         (dict(init="xavier"), "unknown init 'xavier'"),
-        (dict(pe="mpvg", last_pe=12), "layer 12 receives no PE"),
+        (dict(pe="mpvg", last_pe=12), "layer 12 does not exist"),
         (dict(pe="default", pool="gap", last_pe=3), "layer 3 receives no PE"),
         (dict(pe="mpvg", pool="cls"), "incompatible with the class token"),
     ],

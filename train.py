@@ -37,6 +37,7 @@ from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
 from training import device_data
 from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_transforms, chance, seed_of
 from training.finetune import load_pretrained
+from training.flags import Parser, boolean, layer, typed
 from training.mixing import Mixing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -80,7 +81,7 @@ MAY_CHANGE = set(  # what a resumed run may be given anew: where and how it runs
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch's
 DATA = {"cifar100": "cifar", "imagenet": "deit", "synthetic": "synthetic"}  # each data set's recipe
 ON_OFF = ["auto", "on", "off"]
-TIMEOUT = timedelta(minutes=2)  # the longest a process waits for another (one that died outside torchrun)
+TIMEOUT = timedelta(minutes=5)  # the longest a process waits for another: a hung one, or rank 0's save
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
 PROG = Path(sys.argv[0]).name  # what a message begins with, as argparse's do: train.py, or a tool's name
 
@@ -91,34 +92,6 @@ def fail(message: str, every_rank: bool = False):
 
 
 # The command line
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage of fifty flags above it
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def typed(kind, ok, rule: str):
-    """An argparse type: the text read as `kind`, refused in one line unless ok(value) (nan never is)."""
-
-    def parse(text: str):
-        value = kind(text)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value: ..." names the type
-    return parse
-
-
-def boolean(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() == "true"
-
-
-def layer(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 COUNT = typed(int, lambda v: v >= 1, "1 or more")
@@ -205,25 +178,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = vars(build_parser().parse_args(argv))
     if "" in (given.get("resume"), given.get("finetune")):
         fail("--resume or --finetune got an empty path (is a shell variable unset?)")
-    if "resume" in given and "finetune" in given:
-        fail("--resume goes on with a run and --finetune starts a new one: give one of them")
+    if "finetune" in given and given.get("resume", "auto") != "auto":  # auto: fine-tune, or go on with it
+        fail("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
     resume, evaluating = given.get("resume"), given.get("eval_only")
     out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
-    path = out / "checkpoint.pt" if resume == "auto" else resume and Path(resume)
-    if not path or (resume == "auto" and not path.exists()):
+    path = newest(out) if resume == "auto" else resume and Path(resume)
+    if not path:
         if evaluating:
             fail("--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir")
         if resume and MASTER:
             print(f"--resume auto: no checkpoint in {out}, starting a new run")
         recipe = given.get("recipe") or DATA[given.get("data", DEFAULTS["data"])]
         return argparse.Namespace(**DEFAULTS | RECIPES[recipe] | given | dict(recipe=recipe, resume=None))
-    saved, newest = load_checkpoint(path, mmap=True), path.parent / "checkpoint.pt"
-    for key in (k for k, v in given.items() if k not in MAY_CHANGE and v != saved["args"].get(k)):
+    saved = load_checkpoint(path, mmap=True)
+    fixed = {*KNOBS, "model", "pe"} if evaluating else set(given) - MAY_CHANGE  # an evaluation writes nothing
+    for key in (k for k in fixed & set(given) if given[k] != saved["args"].get(k)):
         fail(f"--{key.replace('_', '-')} differs from the checkpoint's, which a resume keeps: drop it")
     if not evaluating and "output_dir" in given and out.resolve() != path.parent.resolve():
         fail(f"a resume writes into its run's own folder, {path.parent}: drop --output-dir")
-    if not evaluating and newest.exists() and load_checkpoint(newest, mmap=True)["epoch"] > saved["epoch"]:
-        fail(f"{newest} holds a newer epoch than {path}, which a resume would write over: resume from it")
+    for other in (
+        [] if evaluating else [path.parent / n for n in ("checkpoint.pt", "best.pt") if n != path.name]
+    ):
+        theirs = load_checkpoint(other, mmap=True) if other.exists() else saved
+        if any(theirs["args"].get(k) != v for k, v in saved["args"].items() if k not in MAY_CHANGE):
+            fail(
+                f"{path.parent} holds another run ({other.name}): resume a checkpoint in its own run's folder"
+            )
+        if theirs["epoch"] > saved["epoch"]:
+            fail(f"{other} holds a newer epoch than {path}, which a resume would write over: resume from it")
     return argparse.Namespace(**saved["args"] | given | {"output_dir": str(path.parent), "resume": str(path)})
 
 
@@ -238,7 +220,13 @@ def build_datasets(args, img_size: int) -> tuple[Dataset, Dataset]:
             size = args.synthetic_size
             return PlusSigns(size, img_size, args.seed), PlusSigns(max(size // 5, 1), img_size, args.seed + 1)
         if args.data == "cifar100":
-            return tuple(torchvision.datasets.CIFAR100(root, train=t, download=True) for t in (True, False))
+            if (
+                os.environ.get("LOCAL_RANK", "0") == "0"
+            ):  # one download a machine, the other processes waiting
+                torchvision.datasets.CIFAR100(root, download=True)
+            if dist.is_initialized():
+                dist.barrier()
+            return tuple(torchvision.datasets.CIFAR100(root, train=t) for t in (True, False))
         train, val = (torchvision.datasets.ImageFolder(root / split) for split in ("train", "val"))
     except Exception as e:  # offline, a half-downloaded archive, no such folder, no images in one, ...
         fail(f"cannot load --data {args.data} from {root} ({type(e).__name__}: {e}); see --data-path")
@@ -333,6 +321,13 @@ def save(path: Path, obj):
         fail(f"could not write {path} ({e}); the one before is whole: free space, then --resume auto")
 
 
+def newest(out: Path) -> Path | None:
+    """The checkpoint of --output-dir that holds the latest epoch: checkpoint.pt, or best.pt where a run
+    stopped between the two saves of a best epoch; None in a folder of no run."""
+    found = [p for p in (out / "checkpoint.pt", out / "best.pt") if p.exists()]
+    return max(found, key=lambda p: load_checkpoint(p, mmap=True)["epoch"], default=None)
+
+
 def load_checkpoint(path: Path, keys=CHECKPOINT_KEYS, mmap: bool = False) -> dict:
     """A checkpoint, loaded with weights_only=True (so no pickled code runs), that holds every key of
     `keys`, or one line that says why not. mmap: its tensors are read only where they are used."""
@@ -340,7 +335,7 @@ def load_checkpoint(path: Path, keys=CHECKPOINT_KEYS, mmap: bool = False) -> dic
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # no such file, a folder, no permission, cut short, not torch's, pickled objects
         why = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        fail(f"cannot read checkpoint {path} ({why}): pass a file of tensors from train.py, DeiT or timm")
+        fail(f"cannot read checkpoint {path} ({why}): give a .pt file that torch.save wrote, of tensors")
     if not isinstance(ckpt, dict) or not keys <= set(ckpt):
         held = f"no {', '.join(sorted(keys - set(ckpt)))}" if isinstance(ckpt, dict) else type(ckpt).__name__
         fail(f"{path} is not a checkpoint of train.py ({held}): pass its checkpoint.pt or best.pt")
@@ -408,10 +403,13 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch: int, device, 
     batches, step, steps = [], 0, len(loader) // args.accum_steps
     for img, target in loader:
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        batches.append(mixing(img, target) if mixing else (img, target))
+        batches.append((img, target))
         if len(batches) < args.accum_steps:
             continue
-        loss, n = train_step(model, optimizer, batches, args.smoothing), sum(len(b[1]) for b in batches)
+        img, target = (torch.cat(t) for t in zip(*batches))  # the step's batch, mixed whole as without accum
+        img, target = mixing(img, target) if mixing else (img, target)
+        batches = list(zip(img.chunk(args.accum_steps), target.chunk(args.accum_steps)))
+        loss, n = train_step(model, optimizer, batches, args.smoothing), len(img)
         loss_sum, seen, batches, step = loss_sum + loss * n, seen + n * world, [], step + 1
         if step % args.log_every == 0:  # the loop's only waits for the device
             current = all_reduce(loss.clone()).item() / world
@@ -432,11 +430,12 @@ def run(args, device, rank: int, world: int):
     except TypeError as e:  # a checkpoint of another mpvg.py
         fail(f"{args.resume}'s model_config does not fit this mpvg.py ({e})")
     train_set, val_set = build_datasets(args, cfg.img_size)
-    data = dict(train=len(train_set), val=len(val_set), classes=len(train_set.classes))
-    if ckpt and (ckpt["data"]["classes"] != data["classes"] if args.eval_only else ckpt["data"] != data):
-        fail(f"the data differ from the checkpoint's ({ckpt['data']} there, {data} here): use its data")
+    data = dict(train=len(train_set), val=len(val_set), classes=list(train_set.classes))  # names: label ids
+    compared = ["classes"] if args.eval_only else list(data)  # an evaluation may take another split
+    if ckpt and (differ := [k for k in compared if ckpt["data"][k] != data[k]]):
+        fail(f"the data's {' and '.join(differ)} differ from the checkpoint's: use the data it trained on")
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
-    model = VisionTransformer(cfg := replace(cfg, num_classes=data["classes"])).to(device)
+    model = VisionTransformer(cfg := replace(cfg, num_classes=len(data["classes"]))).to(device)
     try:
         if ckpt:
             model.load_state_dict(ckpt["model"])
@@ -466,7 +465,7 @@ def run(args, device, rank: int, world: int):
         start, history = ckpt["epoch"] + 1, ckpt["history"]
         del ckpt  # applied: its weights and optimizer state are not held for the rest of the run
         if start >= args.epochs:
-            fail(f"nothing to train: the checkpoint holds epoch {start} and --epochs is {args.epochs}")
+            fail(f"nothing to train: the checkpoint holds epoch {start} of --epochs {args.epochs}; give more")
     elif any((out / name).exists() for name in ("checkpoint.pt", "best.pt", "metrics.jsonl")):
         fail(f"{out} holds a run's files: continue it with --resume auto, or choose another --output-dir")
     if MASTER:
@@ -535,12 +534,12 @@ def main(argv=None):
 
 def interrupted(out: Path, argv: list[str], world: int) -> str:
     """What an interrupted run has saved, and the command that goes on from there."""
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
-    if not (out / "checkpoint.pt").exists():
+    local = os.environ.get("LOCAL_WORLD_SIZE", world)  # the launcher's node flags are the user's to add
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={local}"
+    if not (path := newest(out)):
         return f"interrupted before its first checkpoint. Start again: {launcher} train.py {shlex.join(argv)}"
-    epoch = load_checkpoint(out / "checkpoint.pt", mmap=True)["epoch"] + 1
     again = f"{launcher} train.py --resume auto --output-dir {out}"
-    return f"interrupted; {out}/checkpoint.pt holds epoch {epoch}. Go on with: {again}"
+    return f"interrupted; {path} holds epoch {load_checkpoint(path, mmap=True)['epoch'] + 1}. Go on: {again}"
 
 
 if __name__ == "__main__":

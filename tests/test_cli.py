@@ -86,10 +86,10 @@ def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):
     for name, why in [
         ("missing.pt", r"\(No such file or directory\)"),
         ("run", r"\(Is a directory\)"),
-        ("empty.pt", r"\(\w+Error\): pass a file of tensors"),
-        ("cut.pt", r"\(\w+Error\): pass a file of tensors"),
-        ("note.txt", r"\(\w+Error\): pass a file of tensors"),
-        ("module.pt", r"\(UnpicklingError\): pass a file of tensors"),
+        ("empty.pt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
+        ("cut.pt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
+        ("note.txt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
+        ("module.pt", r"\(UnpicklingError\): give a .pt file that torch.save wrote"),
         ("tensor.pt", r"is not a checkpoint of train.py \(Tensor\)"),
         ("dict.pt", r"is not a checkpoint of train.py \(no args, data, epoch, history, model, model_config"),
     ]:
@@ -117,10 +117,14 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
     write_image_folder(tmp_path / "data")
     for flags, message in [
         (["--pe", "mpvg", "--pool", "cls"], "incompatible with the class token"),
-        (["--last-pe", "5"], "last_pe=5 names pos_5, but layer 5 receives no PE"),
         (
-            ["--resume", "auto", "--finetune", "x.pt"],
-            "--resume goes on with a run and --finetune starts a new one",
+            ["--last-pe", "5"],
+            "last_pe=5 names pos_5, but layer 5 does not exist: use 0 .the raw PE. or a layer in",
+        ),
+        (["--pe", "default", "--pool", "gap", "--last-pe", "1"], "layer 1 receives no PE .pe_layers='none'"),
+        (
+            ["--resume", "y.pt", "--finetune", "x.pt"],
+            "--resume PATH goes on with a run and --finetune starts a new one",
         ),
         (["--eval-only"], "--eval-only needs a checkpoint"),
         (["--finetune", ""], "--resume or --finetune got an empty path"),

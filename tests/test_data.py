@@ -43,14 +43,18 @@ def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
         ]
     )
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
-    assert ckpt["data"] == dict(train=48, val=16, classes=100) and ckpt["args"]["recipe"] == "cifar"
+    assert ckpt["data"] == dict(train=48, val=16, classes=[f"class{i}" for i in range(100)])
+    assert ckpt["model_config"]["num_classes"] == 100 and ckpt["args"]["recipe"] == "cifar"
 
 
 def test_an_image_folder_loads_its_jpegs_and_counts_its_classes(tmp_path):
     write_image_folder(tmp_path / "data")
     train.main(folder_run(tmp_path / "data", "--epochs", "1", "--output-dir", str(tmp_path / "run")))
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
-    assert ckpt["data"] == dict(train=24, val=12, classes=3) and ckpt["args"]["recipe"] == "deit"
+    assert (
+        ckpt["data"] == dict(train=24, val=12, classes=["cat", "dog", "emu"])
+        and ckpt["args"]["recipe"] == "deit"
+    )
 
 
 def test_plus_signs_label_the_cell_of_the_plus_centre():

@@ -59,17 +59,20 @@ def test_the_first_command_learns_the_built_in_task(tmp_path, capsys):
 def test_two_processes_under_torchrun_equal_one_and_go_on_after_a_kill(tmp_path):
     """DDP with gloo under torchrun: the batch split over 2 processes gives the weights of one process, for
     per-image augmentation (seeded by image and epoch); batch-level randomness (Mixup, CutMix, drop path,
-    dropout) is drawn in each process, so it is off here. One of the two is killed in epoch 1: torchrun
-    (--max-restarts) starts the command again and, as it carries --resume auto, the run starts anew. (With
-    more than one process, a restart needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: pytorch#135712.)"""
+    dropout) is drawn in each process, so it is off here. Both are killed in epoch 2: torchrun
+    (--max-restarts) starts the command again and, as it carries --resume auto, the run goes on from its
+    checkpoint. (With more than one process, a restart needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1:
+    pytorch#135712.)"""
     flags = [*TINY, "--epochs", "3", *QUIET, "--resume", "auto"]
     launcher = ["--standalone", "--nproc_per_node=2", "--max-restarts=1"]
-    result = train_script(
-        tmp_path, *flags, "--output-dir", str(tmp_path / "ddp"), signal_at=3, torchrun=launcher
-    )
+    ddp = ["--output-dir", str(tmp_path / "ddp")]
+    result = train_script(tmp_path, *flags, *ddp, signal_at=6, torchrun=launcher)
     assert result.returncode == 0 and "exitcode: -9" in result.stderr, result.stderr[
         -3000:
     ]  # killed, restarted
+    assert (
+        result.stdout.count("no checkpoint") == 1 and result.stdout.count("epoch 1 ") == 1
+    )  # resumed after it
     assert epochs_in(tmp_path / "ddp") == [1, 2, 3]
     train.main([*flags, "--output-dir", str(tmp_path / "one")])
     a, b = weights(tmp_path / "ddp/checkpoint.pt"), weights(tmp_path / "one/checkpoint.pt")
@@ -84,7 +87,8 @@ def test_two_processes_under_torchrun_equal_one_and_go_on_after_a_kill(tmp_path)
 
 def test_accumulated_micro_batches_make_exactly_the_large_step(tmp_path):
     """Two micro-batches of 4 give the update of one batch of 8 (float64, no BatchNorm); and a run with
-    --accum-steps 2 ends with the weights of the run without."""
+    --accum-steps 2 ends with the weights of the run without, Mixup and CutMix on (they mix the step's
+    whole batch; drop path and dropout, which draw per micro-batch, are off)."""
     cfg = dict(pe="mpvg", img_size=16, patch_size=8, dim=16, heads=2, depth=2, num_classes=5)
     a, b = (create_model("deit_tiny", **cfg).double().train() for _ in range(2))
     b.load_state_dict(a.state_dict())
@@ -95,8 +99,9 @@ def test_accumulated_micro_batches_make_exactly_the_large_step(tmp_path):
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-12)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
-    run_train(tmp_path, "--epochs", "2", *QUIET, name="whole")
-    run_train(tmp_path, "--epochs", "2", *QUIET, "--accum-steps", "2", name="accumulated")
+    no_drop = ["--drop-path", "0", "--attn-drop", "0", "--epochs", "2"]
+    run_train(tmp_path, *no_drop, name="whole")
+    run_train(tmp_path, *no_drop, "--accum-steps", "2", name="accumulated")
     whole, accumulated = (
         weights(tmp_path / "whole/checkpoint.pt"),
         weights(tmp_path / "accumulated/checkpoint.pt"),
@@ -118,42 +123,38 @@ def test_finetune_gives_a_new_head_and_a_resized_pe_in_every_mode(tmp_path, mode
     cls = int(PE_MODES[mode]["pool"] == "cls")
     torch.testing.assert_close(after["pos_embed"][:, cls:], resize_pos_embed(pre["pos_embed"][:, cls:], 6))
     assert torch.equal(after["pos_embed"][:, :cls], pre["pos_embed"][:, :cls])
-    pre_best = ["--epochs", "1", "--pe", mode, "--finetune", str(tmp_path / "pre/best.pt")]
-    run_train(tmp_path, *pre_best, "--img-size", "24", name="fine")
+    pre_best = ["--pe", mode, "--finetune", str(tmp_path / "pre/best.pt")]
+    run_train(tmp_path, *pre_best, "--img-size", "24", "--resume", "auto", "--epochs", "1", name="fine")
     assert f"--finetune {tmp_path / 'pre/best.pt'}: loaded" in capsys.readouterr().out
+    run_train(tmp_path, *pre_best, "--img-size", "24", "--resume", "auto", "--epochs", "2", name="fine")
+    assert epochs_in(tmp_path / "fine") == [1, 2]  # the same command again goes on: torchrun can restart it
     with pytest.raises(
         SystemExit, match=r"--finetune .*pre/best.pt is another architecture \(.*32\) there, .*48\) here"
     ):
-        run_train(tmp_path, *pre_best, "--dim", "48", name="x")
+        run_train(tmp_path, *pre_best, "--dim", "48", "--epochs", "1", name="x")
 
 
-@pytest.mark.parametrize("layout", ["timm", "deit"])
+@pytest.mark.parametrize("layout", ["timm", "deit", "deit3"])
 def test_finetune_from_a_timm_or_deit_checkpoint(tmp_path, layout):
     """timm's DeiT weights (timm saves the weights alone, DeiT's releases them under "model") into an MPVG
-    model at another resolution and class count; pe_norm and last_pe_norm, which DeiT lacks, start new."""
+    model at another resolution and class count; pe_norm and last_pe_norm, which DeiT lacks, start new.
+    timm's deit3_* have a class token but no class slot in pos_embed: all its rows are patches."""
     timm = pytest.importorskip("timm")
-    theirs = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10, depth=2)
-    state = theirs.state_dict()
+    small = layout == "deit3"
+    theirs = "deit3_small_patch16_224" if small else "deit_tiny_patch16_224"
+    state = timm.create_model(theirs, img_size=32, patch_size=8, num_classes=10, depth=2).state_dict()
     torch.save(state if layout == "timm" else {"model": state}, tmp_path / "deit.pth")
     write_image_folder(tmp_path / "data")
-    flags = "--img-size 48 --patch-size 8 --depth 2 --dim 192 --heads 3 --epochs 1 --lr 1e-12".split()
-    flags += ["--warmup-lr", "0", "--output-dir", str(tmp_path / "run")]
-    train.main(
-        folder_run(
-            tmp_path / "data",
-            *flags,
-            "--finetune",
-            str(tmp_path / "deit.pth"),
-            "--output-dir",
-            str(tmp_path / "run"),
-        )
-    )
-    after = weights(tmp_path / "run/checkpoint.pt")
+    flags = f"--dim {384 if small else 192} --heads {6 if small else 3} --img-size 48 --depth 2".split()
+    flags += ["--epochs", "1"]
+    flags += ["--lr", "1e-12", "--warmup-lr", "0", "--finetune", str(tmp_path / "deit.pth")]
+    train.main(folder_run(tmp_path / "data", *flags, "--output-dir", str(tmp_path / "run")))
+    after, slot = weights(tmp_path / "run/checkpoint.pt"), int(layout != "deit3")
     torch.testing.assert_close(after["blocks.1.mlp.fc1.weight"], state["blocks.1.mlp.fc1.weight"])  # lr ~ 0
     torch.testing.assert_close(
-        after["pos_embed"], resize_pos_embed(state["pos_embed"][:, 1:], 6), atol=1e-6, rtol=0
+        after["pos_embed"], resize_pos_embed(state["pos_embed"][:, slot:], 6), atol=1e-6, rtol=0
     )
-    assert after["head.weight"].shape == (3, 192) and "blocks.1.pe_norm.weight" in after
+    assert after["head.weight"].shape[0] == 3 and "blocks.1.pe_norm.weight" in after
 
 
 @pytest.mark.parametrize("mode", ["lape", "mpvg"])

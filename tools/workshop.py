@@ -45,6 +45,7 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
         f"training images, {epochs} epochs, seed {seed}"
     )
     rows = []
+    print(f"{'PE':<9}{'pool':<6}{'params':>8}{'top-1':>8}{'s':>5}")  # a row as each model is done
     for pe, pool in models:
         torch.manual_seed(seed)
         cfg = Config(**TINY_VIT, pe=pe, pool=pool)
@@ -62,9 +63,7 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
         top1 = train.evaluate(model, DataLoader(val_set, batch_size=256), torch.device("cpu"))["val_top1"]
         params = sum(p.numel() for p in model.parameters())
         rows.append(dict(pe=pe, pool=pool, params=params, top1=top1, seconds=time.perf_counter() - start))
-    print(f"{'PE':<9}{'pool':<6}{'params':>8}{'top-1':>8}{'s':>5}")
-    for row in rows:
-        print(f"{row['pe']:<9}{row['pool']:<6}{row['params']:>8,}{row['top1']:>7.1f}%{row['seconds']:>5.0f}")
+        print(f"{pe:<9}{pool:<6}{params:>8,}{top1:>7.1f}%{rows[-1]['seconds']:>5.0f}", flush=True)
     return rows
 
 
@@ -75,7 +74,10 @@ def build_parser():
 
 
 def main(argv=None):
-    return workshop(build_parser().parse_args(argv).seed)
+    try:
+        return workshop(build_parser().parse_args(argv).seed)
+    except KeyboardInterrupt:  # nothing to save: the rows printed so far are the workshop's
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

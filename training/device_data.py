@@ -64,9 +64,8 @@ def resize_weights(start, length, size: int, extent: int, bicubic) -> torch.Tens
     [start, start + length) resized to `size`, as torch's antialiased resize computes them (PIL's rule:
     the kernel widens by the scale when shrinking; taps outside the crop are dropped)."""
     scale = (length / size).double()[:, None, None]  # (n, 1, 1)
-    centre = start.double()[:, None, None] + scale * (
-        torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5
-    )
+    output = torch.arange(size, dtype=torch.float64)[None, :, None] + 0.5  # output pixel centres
+    centre = start.double()[:, None, None] + scale * output
     pixel = torch.arange(extent, dtype=torch.float64)[None, None, :] + 0.5
     t = (pixel - centre) / scale.clamp(min=1.0)
     w = torch.where(bicubic[:, None, None], cubic(t), (1 - t.abs()).clamp(min=0))
@@ -171,21 +170,18 @@ class DeviceLoader:
 
 def as_tensors(dataset, device) -> tuple[torch.Tensor, torch.Tensor]:
     """A data set of images and labels as (N, C, H, W) uint8 and (N,) int64 tensors on the device."""
-    if hasattr(dataset, "data") and hasattr(dataset, "targets"):  # torchvision's CIFAR: (N, H, W, C) numpy
+    if hasattr(dataset, "data"):  # torchvision's CIFAR: (N, H, W, C) numpy
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
-        labels = torch.tensor(dataset.targets)
     else:
         images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(len(dataset))])
-        labels = torch.tensor([dataset[i][1] for i in range(len(dataset))])
-    return images.to(device), labels.to(device)
+    return images.to(device), torch.tensor(dataset.targets).to(device)
 
 
 def loaders(args, train_set, val_set, sampler, val_shard, img_size: int, batch: int, val_transform, device):
     """--device-data's training and validation loaders of `batch` images per process: both sets on the
     device, the training one augmented there by the recipe, the validation one this process's share."""
-    train = DeviceLoader(
-        *as_tensors(train_set, device), sampler, batch, BatchAugment(args, img_size), args.seed
-    )
+    augment = BatchAugment(args, img_size)
+    train = DeviceLoader(*as_tensors(train_set, device), sampler, batch, augment, args.seed)
     val = DeviceLoader(
         *as_tensors(val_set, device), val_shard, batch, val_transform, args.seed, drop_last=False
     )

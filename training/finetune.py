@@ -23,8 +23,8 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
 def load_pretrained(model, checkpoint: dict) -> list[str]:
     """A checkpoint's weights (train.py's and DeiT's under "model", timm's the weights alone) into a model
     of another class count or resolution: the head stays new when its shape differs, pos_embed is resized
-    to this model's grid (the class slot kept, added or dropped), and weights that only one side has are
-    named. Returns those notes; raises ValueError, in one line, for weights that do not fit."""
+    to this model's grid (a class slot, told by its rows, kept, added or dropped), and weights that only
+    one side has are named in the notes returned. Weights that do not fit: ValueError, in one line."""
     state = checkpoint.get("model", checkpoint)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("holds no weights: a dict of tensors, alone or under 'model'")
@@ -32,13 +32,12 @@ def load_pretrained(model, checkpoint: dict) -> list[str]:
     if not set(state) & set(own):
         raise ValueError(f"holds none of this model's weights (it has {', '.join(sorted(state)[:3])}, ...)")
     if "pos_embed" in state and "pos_embed" in own:
-        had_cls = "cls_token" in state
-        pos = resize_pos_embed(
-            state["pos_embed"][:, int(had_cls) :], model.cfg.img_size // model.cfg.patch_size
-        )
+        pos, grid = state["pos_embed"], model.cfg.img_size // model.cfg.patch_size
+        extra = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2  # a class slot, DeiT's distillation one, none
+        patches = resize_pos_embed(pos[:, extra:], grid)
         if model.cls_token is not None:  # the class slot: the checkpoint's, else this model's own
-            pos = torch.cat([state["pos_embed"][:, :1] if had_cls else own["pos_embed"][:, :1], pos], dim=1)
-        state = {**state, "pos_embed": pos}
+            patches = torch.cat([pos[:, :1] if extra else own["pos_embed"][:, :1], patches], dim=1)
+        state = {**state, "pos_embed": patches}
     if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         notes.append(f"a new head for {model.cfg.num_classes} classes")
