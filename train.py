@@ -220,9 +220,7 @@ def build_datasets(args, img_size: int) -> tuple[Dataset, Dataset]:
             size = args.synthetic_size
             return PlusSigns(size, img_size, args.seed), PlusSigns(max(size // 5, 1), img_size, args.seed + 1)
         if args.data == "cifar100":
-            if (
-                os.environ.get("LOCAL_RANK", "0") == "0"
-            ):  # one download a machine, the other processes waiting
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # one download a machine, the others wait
                 torchvision.datasets.CIFAR100(root, download=True)
             if dist.is_initialized():
                 dist.barrier()
