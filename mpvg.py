@@ -256,6 +256,23 @@ class VisionTransformer(nn.Module):
             received.append(pos)
         return received
 
+    def patches(self, img: torch.Tensor) -> torch.Tensor:
+        """[p^1; ...; p^N], (B, N, D): the patch embeddings (the stem that CeiT and T2T-ViT replace)."""
+        return self.patch_embed(img)
+
+    def embed(self, img: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> x_0, the tokens entering layer 0 (B, N, D), a class token first."""
+        cfg = self.cfg
+        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+                f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
+            )
+        x = self.patches(img)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
+        return x + self.pos_embed if cfg.pe_input else x  # Eq. (1)/(8): x_0; without it, Eq. (5)
+
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> y, the Last LN's output tokens (B, N, D).
 
@@ -264,16 +281,7 @@ class VisionTransformer(nn.Module):
         `pre_norm`, x_{L+1} before the Last LN; `post_norm`, y after it (Eq. 11 included).
         """
         cfg = self.cfg
-        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ValueError(
-                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
-                f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
-            )
-        x = self.patch_embed(img)  # [p^1; ...; p^N], (B, N, D)
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
-        if cfg.pe_input:
-            x = x + self.pos_embed  # Eq. (1)/(8): x_0; without it, Eq. (5)
+        x = self.embed(img)
         pos = self.layer_pos()
         tokens = []
         for block, pos_l in zip(self.blocks, pos):
