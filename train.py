@@ -33,7 +33,8 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mpvg import PE_MODES, PRESETS, Config, VisionTransformer
+import models
+from mpvg import PE_MODES, Config
 from training import device_data
 from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_transforms, chance, seed_of
 from training.finetune import load_pretrained
@@ -74,7 +75,7 @@ DEFAULTS = dict(  # every other flag's default; the model flags default to the p
     device_data="auto", model=None, pe="mpvg", seed=0, output_dir="runs/default", resume=None, finetune=None,
     eval_only=False, accum_steps=1, compile=None, log_every=50,
 )  # fmt: skip
-KNOBS = "pool pe_input pe_layers pe_hierarchical last_pe img_size patch_size dim depth heads".split()
+KNOBS = "pool pe_input pe_layers pe_hierarchical last_pe img_size patch_size dim depth heads window".split()
 MAY_CHANGE = set(  # what a resumed run may be given anew: where and how it runs, and for how long
     "resume eval_only output_dir epochs data_path workers device_data accum_steps compile log_every".split()
 )
@@ -126,13 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--workers", "loader workers per process: min(8, CPU cores)", type=NATURAL)
     add(g, "--device-data", "on the device, augmented there (auto: for cifar100 on a GPU)", choices=ON_OFF)
     g = p.add_argument_group("model (left out: the preset's value, or the --pe mode's)")
-    add(g, "--model", "preset [from --recipe]", choices=list(PRESETS))
+    add(g, "--model", "preset [from --recipe]", choices=list(models.ARCHITECTURES))
     add(g, "--pe", "PE mode", choices=list(PE_MODES))
     add(g, "--pool", "class token or global average pooling", choices=["cls", "gap"])
     add(g, "--pe-input", "add PE before layer 0, Eq. 1/8 (true, false)", type=boolean)
     add(g, "--pe-layers", "the layers whose MSA input gets PE, Eq. 6/9", choices=["none", "all", "skip0"])
     add(g, "--pe-hierarchical", "pos_l = LN'_l(pos_{l-1}), Eq. 7/10 (false: Table 6)", type=boolean)
     add(g, "--last-pe", "k of LN(pos_k) at the Last LN, Eq. 11, or none", type=layer)
+    add(g, "--window", "swin_tiny's attention window, M", type=COUNT)
     for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
         add(g, name, "", type=COUNT)
     g = p.add_argument_group("recipe (deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite; synthetic: built in)")
@@ -260,7 +262,7 @@ def model_config(args) -> Config:
     knobs = dict(pe=args.pe, drop_path=args.drop_path, attn_drop=args.attn_drop)
     knobs |= {k: getattr(args, k) for k in KNOBS if hasattr(args, k)}  # the model flags given
     try:
-        return Config(**PRESETS[args.model] | knobs)
+        return models.config(args.model, **knobs)
     except ValueError as e:  # Config's own checks, said in one line as for any flag
         fail(str(e))
 
@@ -424,8 +426,8 @@ def run(args, device, rank: int, world: int):
     out = Path(args.output_dir)
     ckpt = load_checkpoint(Path(args.resume)) if args.resume else None
     try:
-        cfg = Config(**ckpt["model_config"]) if ckpt else model_config(args)
-    except TypeError as e:  # a checkpoint of another mpvg.py
+        cfg = models.config(args.model, **ckpt["model_config"]) if ckpt else model_config(args)
+    except (TypeError, ValueError) as e:  # a checkpoint of another mpvg.py
         fail(f"{args.resume}'s model_config does not fit this mpvg.py ({e})")
     train_set, val_set = build_datasets(args, cfg.img_size)
     data = dict(train=len(train_set), val=len(val_set), classes=list(train_set.classes))  # names: label ids
@@ -433,7 +435,8 @@ def run(args, device, rank: int, world: int):
     if ckpt and (differ := [k for k in compared if ckpt["data"][k] != data[k]]):
         fail(f"the data's {' and '.join(differ)} differ from the checkpoint's: use the data it trained on")
     torch.manual_seed(args.seed)  # the initial weights, the same in every process
-    model = VisionTransformer(cfg := replace(cfg, num_classes=len(data["classes"]))).to(device)
+    model_class = models.ARCHITECTURES[args.model][0]
+    model = model_class(cfg := replace(cfg, num_classes=len(data["classes"]))).to(device)
     try:
         if ckpt:
             model.load_state_dict(ckpt["model"])

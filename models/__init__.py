@@ -1,0 +1,34 @@
+"""The paper's vision transformers, each in every PE mode: ViT/DeiT from mpvg.py, and Swin-Ti, CeiT-Ti and
+T2T-ViT-7 beside it, built on mpvg.py's knobs (Table 1 and 2).
+
+    model = create_model("swin_tiny", pe="mpvg")  # any knob of mpvg.Config (or SwinConfig) as a keyword
+"""
+
+from dataclasses import fields
+
+from models.ceit import CEIT_TINY, CeiT
+from models.swin import SWIN_TINY, SwinConfig, SwinTransformer
+from models.t2t_vit import T2T_VIT_7, T2TViT
+from mpvg import PRESETS, Config, VisionTransformer
+
+ARCHITECTURES = {  # name: (the model class, its config class, the preset's values)
+    **{name: (VisionTransformer, Config, preset) for name, preset in PRESETS.items()},
+    "swin_tiny": (SwinTransformer, SwinConfig, SWIN_TINY),
+    "ceit_tiny": (CeiT, Config, CEIT_TINY),
+    "t2t_vit_7": (T2TViT, Config, T2T_VIT_7),
+}
+
+
+def config(name: str, **overrides):
+    """The configuration of a model of ARCHITECTURES, its preset with any field overridden."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(ARCHITECTURES)}")
+    _, config_class, preset = ARCHITECTURES[name]
+    if unknown := set(overrides) - {f.name for f in fields(config_class)}:
+        raise ValueError(f"{name} has no {', '.join(map(repr, sorted(unknown)))}: leave it out")
+    return config_class(**preset | overrides)
+
+
+def create_model(name: str = "deit_tiny", **overrides):
+    """A model of ARCHITECTURES, e.g. create_model("t2t_vit_7", pe="mpvg", num_classes=100)."""
+    return ARCHITECTURES[name][0](config(name, **overrides))

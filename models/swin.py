@@ -1,0 +1,270 @@
+"""Swin-Ti (Liu et al. 2021, microsoft/Swin-Transformer) with the paper's PE modes: Table 1.
+
+Swin pools by averaging in every mode and has no class token. Its default is Swin-T with the official
+absolute PE on (`ape=True`, one row per 4 x 4 patch, `absolute_pos_embed`) beside its relative position
+bias. The knobs and their presets are mpvg.py's; what Swin adds is where the PE goes between stages:
+each stage's patch merging carries the PE as it carries the tokens (the same module, no new parameters),
+so layer l of every stage receives its LN'_l(pos) at its own resolution and width. Eq. (11)'s pos_k is
+carried the same way to the last stage. PVG and MPVG give the PE to every block, layer 0 included, as the
+paper states for Swin. Parameter names are timm's (`swin_tiny_patch4_window7_224`) plus the absolute PE.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mpvg import AUTO, Config, Mlp, drop_path
+
+SWIN_TINY = dict(img_size=224, patch_size=4, dim=96, depths=(2, 2, 6, 2), heads=3, norm_eps=1e-5)
+
+
+@dataclass
+class SwinConfig(Config):
+    depths: tuple[int, ...] = (2, 2, 6, 2)  # blocks per stage; depth is their sum, l = 0..L across stages
+    window: int = 7  # M: attention within M x M windows, shifted by M // 2 in every second block
+    # dim and heads are the first stage's; each later stage halves the grid and doubles both
+    depth: int | str = AUTO
+    pool: str = "gap"  # Swin has no class token: it averages in every mode
+
+    def __post_init__(self):
+        if self.depth not in (AUTO, sum(self.depths)):
+            raise ValueError(f"depth {self.depth} is not the sum of depths {self.depths}: give depths alone")
+        self.depth = sum(self.depths)
+        if self.pool != "gap":
+            raise ValueError(f"Swin has no class token: pool 'gap', not {self.pool!r}")
+        if self.pe in ("pvg", "mpvg") and self.pe_layers == AUTO:
+            self.pe_layers = "all"  # the paper: for Swin, PVG and MPVG "exceptionally include layer 0"
+        super().__post_init__()
+        grid = self.img_size // self.patch_size
+        sides = [grid >> s for s in range(len(self.depths))]
+        if (
+            any(side % self.window and side > self.window for side in sides)
+            or sides[-1] << len(sides) - 1 != grid
+        ):
+            raise ValueError(
+                f"the stages' grids {sides} must halve exactly, each a multiple of window {self.window} or "
+                "smaller than it: choose img_size, patch_size and window to fit"
+            )
+
+    def stage(self, s: int) -> Config:  # stage s's width and heads, for the modules of mpvg.py it shares
+        dim, heads = self.dim << s, self.heads << s
+        return Config(
+            dim=dim, heads=heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, attn_drop=self.attn_drop
+        )
+
+
+def relative_index(window: int) -> torch.Tensor:
+    """(M^2, M^2): for each query and key of a window, the row of their offset in the bias table."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, M^2)
+    dy, dx = coords[:, :, None] - coords[:, None, :] + window - 1  # each offset in 0 .. 2M - 2
+    return dy * (2 * window - 1) + dx
+
+
+def shift_mask(side: int, window: int, shift: int) -> torch.Tensor:
+    """(windows, M^2, M^2): 0 where two tokens of a shifted window were neighbours, -inf where the cyclic
+    shift brought them together from opposite edges."""
+    region = torch.zeros(side, side)
+    for i, rows in enumerate((slice(0, -window), slice(-window, -shift), slice(-shift, None))):
+        for j, cols in enumerate((slice(0, -window), slice(-window, -shift), slice(-shift, None))):
+            region[rows, cols] = 3 * i + j
+    region = rearrange(region, "(y m) (x n) -> (y x) (m n)", m=window, n=window)
+    return torch.zeros(()).masked_fill(region[:, :, None] != region[:, None, :], float("-inf"))
+
+
+class WindowAttention(nn.Module):
+    """W-MSA: multi-head attention within each window, with a learned bias per relative offset and head."""
+
+    def __init__(self, cfg: Config, window: int):
+        super().__init__()
+        self.heads, self.attn_drop = cfg.heads, cfg.attn_drop
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, cfg.heads))
+        self.register_buffer("relative_position_index", relative_index(window), persistent=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, windows, M^2, C); mask: (windows, M^2, M^2) or None."""
+        q, k, v = rearrange(self.qkv(x), "b w n (qkv h d) -> qkv b w h n d", qkv=3, h=self.heads)
+        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
+        bias = bias if mask is None else bias + mask[:, None]  # (heads or windows x heads, M^2, M^2)
+        dropout = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        return self.proj(rearrange(x, "b w h n d -> b w n (h d)"))
+
+
+class SwinBlock(nn.Module):
+    """Layer l: (shifted) window attention and an MLP, pre-norm; the layer's PE joins the MSA input."""
+
+    def __init__(self, cfg: SwinConfig, s: int, shift: bool, drop_prob: float, receives_pe: bool):
+        super().__init__()
+        stage, side = cfg.stage(s), (cfg.img_size // cfg.patch_size) >> s
+        self.window = min(cfg.window, side)  # a grid no larger than a window is one window, unshifted
+        self.shift = self.window // 2 if shift and side > cfg.window else 0
+        self.drop_prob = drop_prob
+        self.norm1 = nn.LayerNorm(stage.dim, eps=cfg.norm_eps)
+        self.attn = WindowAttention(stage, self.window)
+        self.norm2 = nn.LayerNorm(stage.dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(stage)
+        self.pe_norm = nn.LayerNorm(stage.dim, eps=cfg.norm_eps) if receives_pe else None  # LN'_l
+        mask = shift_mask(side, self.window, self.shift) if self.shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H, W, C); pos: the PE this layer receives, through pe_norm, (1, H, W, C)."""
+        h = self.norm1(x) if pos is None else self.norm1(x) + pos  # Eq. (6)/(9) in a Swin block
+        h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
+        h = rearrange(h, "b (y m) (x n) c -> b (y x) (m n) c", m=self.window, n=self.window)
+        h = rearrange(
+            self.attn(h, self.attn_mask),
+            "b (y x) (m n) c -> b (y m) (x n) c",
+            y=x.shape[1] // self.window,
+            m=self.window,
+        )
+        x = x + drop_path(torch.roll(h, (self.shift, self.shift), dims=(1, 2)), self.drop_prob, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+
+
+class PatchMerging(nn.Module):
+    """Each 2 x 2 neighbourhood into one token of twice the width: concatenate, LayerNorm, project."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H / 2, W / 2, 2C)
+        return self.reduction(self.norm(rearrange(x, "b (h i) (w j) c -> b h w (j i c)", i=2, j=2)))
+
+
+class Stage(nn.Module):
+    """Stage s: a patch merging from the second stage on, then its blocks, unshifted and shifted in turn."""
+
+    def __init__(self, cfg: SwinConfig, s: int, rates: list[float]):
+        super().__init__()
+        self.downsample = PatchMerging(cfg.dim << s - 1, cfg.norm_eps) if s else nn.Identity()
+        first = sum(cfg.depths[:s])  # the index l of the stage's first block
+        self.blocks = nn.Sequential(
+            *(
+                SwinBlock(cfg, s, i % 2 == 1, rates[first + i], first + i in cfg.pe_layer_ids)
+                for i in range(cfg.depths[s])
+            )
+        )
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H / P, W / P, D)
+        return self.norm(rearrange(self.proj(img), "b d h w -> b h w d"))
+
+
+class Head(nn.Module):
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.fc(y.mean(dim=(1, 2)))  # GAP over the last stage's grid
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg, grid = cfg, cfg.img_size // cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg)
+        self.absolute_pos_embed = (
+            nn.Parameter(torch.zeros(1, grid * grid, cfg.dim)) if cfg.has_pos_embed else None
+        )
+        rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # stochastic depth, by l
+        self.layers = nn.Sequential(*(Stage(cfg, s, rates) for s in range(len(cfg.depths))))
+        width = cfg.dim << len(cfg.depths) - 1  # the last stage's
+        self.norm = nn.LayerNorm(width, eps=cfg.norm_eps)  # the Last LN
+        self.last_pe_norm = nn.LayerNorm(width, eps=cfg.norm_eps) if cfg.last_pe is not None else None
+        self.head = Head(width, cfg.num_classes)
+        self.init_weights()
+
+    def init_weights(self):
+        """As the official code: Linear weights and both position tables truncated normal (std 0.02),
+        biases 0, LayerNorms 1 and 0, the patch convolution PyTorch's default."""
+        for name, p in self.named_parameters():
+            if name == "absolute_pos_embed" or name.endswith("relative_position_bias_table"):
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """The official recipe's: 1-D parameters and both position tables."""
+        return {
+            n
+            for n, p in self.named_parameters()
+            if p.ndim <= 1 or n == "absolute_pos_embed" or n.endswith("relative_position_bias_table")
+        }
+
+    def blocks(self) -> list[tuple[int, SwinBlock]]:  # (stage, block) in the order l = 0..L
+        return [(s, block) for s, stage in enumerate(self.layers) for block in stage.blocks]
+
+    def pos_0(self) -> torch.Tensor:  # the absolute PE on the first grid, (1, H, W, C)
+        return rearrange(
+            self.absolute_pos_embed, "1 (h w) c -> 1 h w c", h=self.cfg.img_size // self.cfg.patch_size
+        )
+
+    def layer_pos(self) -> list[torch.Tensor | None]:
+        """The PE each layer receives, (1, H, W, C) at its stage, or None: mpvg.py's layer_pos, with each
+        stage's patch merging carrying both pos_l and (for pe_hierarchical=False) pos_0 to its grid."""
+        pos = first = self.pos_0()
+        received, at = [], 0
+        for s, block in self.blocks():
+            if s > at:  # a new stage: merge what is carried, as the tokens are
+                pos, first, at = self.layers[s].downsample(pos), self.layers[s].downsample(first), s
+            if block.pe_norm is None:
+                received.append(None)
+                continue
+            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else first)  # Eq. (7)/(10); Table 6
+            received.append(pos)
+        return received
+
+    def carried(self, pos: torch.Tensor, s: int) -> torch.Tensor:
+        """A PE of stage s carried through the later stages' patch merging to the last grid."""
+        for stage in self.layers[s + 1 :]:
+            pos = stage.downsample(pos)
+        return pos
+
+    def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
+        """Images (B, C, H, W) -> y, the Last LN's output on the last grid (B, H', W', C')."""
+        cfg = self.cfg
+        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                f"got {tuple(img.shape)}"
+            )
+        x = self.patch_embed(img)
+        pos = self.layer_pos() if cfg.pe_layer_ids else [None] * cfg.depth
+        if cfg.pe_input:
+            x = x + self.pos_0()  # Eq. (1)/(8)
+        tokens, at = [], 0
+        for (s, block), pos_l in zip(self.blocks(), pos):
+            if s > at:  # a new stage: patch merging
+                x, at = self.layers[s].downsample(x), s
+            tokens.append(x)
+            x = block(x, pos_l)
+        y = self.norm(x)  # Eq. (4)
+        if self.last_pe_norm is not None:
+            k = cfg.last_pe
+            pos_k = self.pos_0() if k == 0 else pos[k]  # Table 5: pos_k
+            y = y + self.last_pe_norm(self.carried(pos_k, self.blocks()[k][0]))  # Eq. (11), on the last grid
+        if trace is not None:
+            trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
+        return y
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(img))
