@@ -6,8 +6,8 @@
     python train.py --resume auto --output-dir runs/default            # go on where a run stopped
     python train.py --eval-only --resume runs/default/best.pt          # top-1 / top-5 of a checkpoint
 
-The story, top to bottom: the recipes and the command line; the data; the model, its optimiser and
-schedule; checkpoints; the loop. A flag left out takes its recipe's value (--help lists them); a resumed
+The story, top to bottom: the command line; the data; the model, its optimiser and schedule; checkpoints;
+the loop. A flag left out takes its recipe's value (training/recipes.py; --help lists them); a resumed
 run takes every flag from its checkpoint, and may be given anew only those of MAY_CHANGE.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import models
@@ -40,36 +42,8 @@ from training.data import Augmented, DataError, EpochSampler, PlusSigns, build_t
 from training.finetune import load_pretrained
 from training.flags import Parser, boolean, layer, typed
 from training.mixing import Mixing
+from training.recipes import DATA, MODEL_RECIPES, RECIPES
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
-
-# Paper Table 7 with the anchors' values: facebookresearch/deit main.py (ImageNet) and
-# SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100); docs/training.md cites each row.
-RECIPES = {
-    "deit": dict(
-        model="deit_tiny", epochs=300, cooldown_epochs=0, batch_size=1024, lr=5e-4, lr_batch_scale=512,
-        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=5, weight_decay=0.05, decay_pos_embed=False,
-        drop_path=0.1, attn_drop=0.0, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25,
-        repeated_aug=3, crop_scale=0.08, hflip=0.5, eval_crop=0.875, interpolation="bicubic",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    ),
-    "cifar": dict(
-        model="vit_lite_7_4", epochs=310, cooldown_epochs=10, batch_size=128, lr=6e-4, lr_batch_scale=0,
-        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=10, weight_decay=0.06, decay_pos_embed=True,
-        drop_path=0.1, attn_drop=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25,
-        repeated_aug=1, crop_scale=0.8, hflip=0.5, eval_crop=1.0, interpolation="random",
-        mean=CIFAR100_MEAN, std=CIFAR100_STD,
-    ),
-    # The built-in task (--data synthetic): CPU minutes, and nothing that moves or mixes pixels.
-    "synthetic": dict(
-        model="vit_lite_7_4", epochs=10, cooldown_epochs=0, batch_size=64, lr=1e-3, lr_batch_scale=0,
-        min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=1, weight_decay=0.05, decay_pos_embed=False,
-        drop_path=0.0, attn_drop=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug_magnitude=0, reprob=0.0,
-        repeated_aug=1, crop_scale=1.0, hflip=0.0, eval_crop=1.0, interpolation="bicubic",
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    ),
-}  # fmt: skip
 DEFAULTS = dict(  # every other flag's default; the model flags default to the preset's (and --pe's) values
     data="cifar100", data_path="./data", synthetic_size=2560, workers=min(8, os.cpu_count() or 1),
     device_data="auto", model=None, pe="mpvg", seed=0, output_dir="runs/default", resume=None, finetune=None,
@@ -80,7 +54,6 @@ MAY_CHANGE = set(  # what a resumed run may be given anew: where and how it runs
     "resume eval_only output_dir epochs data_path workers device_data accum_steps compile log_every".split()
 )
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch's
-DATA = {"cifar100": "cifar", "imagenet": "deit", "synthetic": "synthetic"}  # each data set's recipe
 ON_OFF = ["auto", "on", "off"]
 TIMEOUT = timedelta(minutes=5)  # the longest a process waits for another: a hung one, or rank 0's save
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
@@ -108,7 +81,7 @@ SEED = typed(int, lambda v: 0 <= v < 2**32, "in 0..2**32 - 1")
 
 def build_parser() -> argparse.ArgumentParser:
     about = (
-        "Train or evaluate ViT/DeiT with the paper's PE modes. [...]: the default, or each recipe's value. "
+        "Train or evaluate the paper's models in its PE modes. [...]: the default, or each recipe's value. "
         "A resume takes every flag from its checkpoint; of them it may be given anew only --epochs, "
         "--output-dir, --data-path, --workers, --device-data, --accum-steps, --compile and --log-every."
     )
@@ -137,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--window", "swin_tiny's attention window, M", type=COUNT)
     for name in ("--img-size", "--patch-size", "--dim", "--depth", "--heads"):
         add(g, name, "", type=COUNT)
-    g = p.add_argument_group("recipe (deit: ImageNet, DeiT; cifar: CIFAR-100, ViT-Lite; synthetic: built in)")
-    add(g, "--recipe", "[deit for imagenet, synthetic for synthetic, else cifar]", choices=list(RECIPES))
+    g = p.add_argument_group("recipe (each anchor's, docs/training.md; synthetic: the built-in task's)")
+    add(g, "--recipe", "[the --model's anchor's for --data, else by --data]", choices=list(RECIPES))
     add(g, "--epochs", "epochs in all, cooldown included", type=COUNT)
     add(g, "--cooldown-epochs", "last epochs held at --min-lr", type=NATURAL)
     add(g, "--batch-size", "global batch, split over the processes (and --accum-steps)", type=COUNT)
@@ -147,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--min-lr", "end of the cosine", type=NON_NEGATIVE)
     add(g, "--warmup-lr", "linear warmup starts here", type=NON_NEGATIVE)
     add(g, "--warmup-epochs", "", type=NATURAL)
-    add(g, "--weight-decay", "AdamW's; never on biases and LayerNorms", type=NON_NEGATIVE)
+    add(g, "--optimizer", "sgd: momentum 0.9", choices=["adamw", "sgd"])
+    add(g, "--backbone-lr", "every weight but the head's at --lr times this", type=POSITIVE)
+    add(g, "--weight-decay", "never on biases and norms", type=NON_NEGATIVE)
+    add(g, "--clip-grad", "largest gradient norm (0: no clipping)", type=NON_NEGATIVE)
+    add(g, "--model-ema", "decay of an EMA of the weights, saved with them (0: none)", type=RATE)
+    add(g, "--eval-ema", "evaluate the EMA weights, and choose best.pt by them", type=boolean)
     add(g, "--decay-pos-embed", "weight decay on pos_embed and cls_token too", type=boolean)
     add(g, "--drop-path", "stochastic depth of the last layer", type=RATE)
     add(g, "--attn-drop", "dropout on attention weights", type=RATE)
@@ -157,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--randaug-magnitude", "timm's RandAugment rand-mM-mstd0.5-inc1 (0: off)", type=MAGNITUDE)
     add(g, "--reprob", "random erasing probability, per-pixel noise", type=PROBABILITY)
     add(g, "--repeated-aug", "copies of each image drawn, side by side (1: off)", type=COUNT)
+    add(g, "--train-crop", "padded: resize, then RandomCrop padded by 1/8", choices=["resized", "padded"])
     add(g, "--crop-scale", "smallest area of RandomResizedCrop", type=FRACTION)
     add(g, "--hflip", "horizontal flip probability", type=PROBABILITY)
     add(g, "--eval-crop", "center crop over resize at evaluation", type=FRACTION)
@@ -190,7 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             fail("--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir")
         if resume and MASTER:
             print(f"--resume auto: no checkpoint in {out}, starting a new run")
-        recipe = given.get("recipe") or DATA[given.get("data", DEFAULTS["data"])]
+        data = given.get("data", DEFAULTS["data"])
+        recipe = given.get("recipe") or MODEL_RECIPES.get((data, given.get("model"))) or DATA[data]
         return argparse.Namespace(**DEFAULTS | RECIPES[recipe] | given | dict(recipe=recipe, resume=None))
     saved = load_checkpoint(path, mmap=True)
     fixed = {*KNOBS, "model", "pe"} if evaluating else set(given) - MAY_CHANGE  # an evaluation writes nothing
@@ -241,10 +221,12 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device, ra
     train_tf, val_tf = build_transforms(args, img_size)
     sampler = EpochSampler(len(train_set), world, rank, args.seed, args.repeated_aug)
     shard = range(rank, len(val_set), world)  # every validation image once, on one process
-    auto = args.data == "cifar100" and device.type == "cuda"
+    auto = args.data == "cifar100" and device.type == "cuda" and args.train_crop == "resized"
     if args.device_data == "on" or (args.device_data == "auto" and auto):
         if args.data == "imagenet":
             fail("--device-data holds sets of one image size (cifar100, synthetic): use --device-data off")
+        if args.train_crop != "resized":
+            fail("--device-data crops as RandomResizedCrop only: use --device-data off")
         return device_data.loaders(args, train_set, val_set, sampler, shard, img_size, batch, val_tf, device)
     seeds = torch.Generator().manual_seed(args.seed)  # the workers' own, not drawn from the global RNG
     kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, generator=seeds)
@@ -268,15 +250,20 @@ def model_config(args) -> Config:
 
 
 def build_optimizer(model, args, device: torch.device):
-    """AdamW, no weight decay on biases and LayerNorms (all 1-D parameters, as timm's optimizer factory),
-    nor on pos_embed and cls_token unless --decay-pos-embed (DeiT exempts them, Compact Transformers not)."""
+    """AdamW (or SGD with momentum 0.9), no weight decay on biases and norms (all 1-D parameters, as timm's
+    optimizer factory), nor on model.no_weight_decay() (DeiT: pos_embed, cls_token) unless
+    --decay-pos-embed. Each group's lr_scale: 1 for the head, --backbone-lr for the rest."""
     skip = {n for n, p in model.named_parameters() if p.ndim <= 1}
     skip |= set() if args.decay_pos_embed else model.no_weight_decay()
-    named = list(model.named_parameters())
-    groups = [
-        dict(params=[p for n, p in named if n not in skip], weight_decay=args.weight_decay),
-        dict(params=[p for n, p in named if n in skip], weight_decay=0.0),
-    ]
+    named, groups = list(model.named_parameters()), []
+    for decayed, head in itertools.product((True, False), (False, True)):
+        params = [p for n, p in named if (n not in skip) == decayed and n.startswith("head.") == head]
+        scale = 1.0 if head else args.backbone_lr
+        groups += (
+            [dict(params=params, weight_decay=args.weight_decay * decayed, lr_scale=scale)] if params else []
+        )
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr_at(0, args), momentum=0.9)
     return torch.optim.AdamW(groups, lr=lr_at(0, args), eps=1e-8, fused=device.type == "cuda")
 
 
@@ -300,7 +287,7 @@ def compile_model(model, mode: str | None):
 
 # Checkpoints: written whole or not at all, read back as tensors and plain values only
 
-CHECKPOINT_KEYS = {"model", "model_config", "optimizer", "epoch", "args", "history", "data"}
+CHECKPOINT_KEYS = {"model", "ema", "model_config", "optimizer", "epoch", "args", "history", "data"}
 
 
 def save(path: Path, obj):
@@ -372,7 +359,7 @@ def evaluate(model, loader, device, batch: int | None = None) -> dict:
     return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
 
 
-def train_step(model, optimizer, micro_batches, smoothing: float) -> torch.Tensor:
+def train_step(model, optimizer, micro_batches, smoothing: float, clip: float = 0.0) -> torch.Tensor:
     """One optimizer step over one or more micro-batches [(img, target)]: the gradient of their mean loss,
     exactly as one batch of them all (no BatchNorm here); DDP syncs gradients on the last one only.
     Targets are class ids (B,) or Mixup's soft targets (B, C): cross_entropy smooths either as timm."""
@@ -386,6 +373,8 @@ def train_step(model, optimizer, micro_batches, smoothing: float) -> torch.Tenso
             loss = F.cross_entropy(logits, target, label_smoothing=smoothing) / len(micro_batches)
             loss.backward()
         total = total + loss.detach()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
@@ -396,8 +385,9 @@ def check_finite(loss: float, where: str):
         fail(f"the loss became {loss} in {where}; stopped before saving it. Lower --lr, then --resume auto")
 
 
-def train_one_epoch(model, loader, optimizer, mixing, args, epoch: int, device, world: int):
-    """One epoch; returns its mean training loss over every process, and images per second."""
+def train_one_epoch(model, loader, optimizer, mixing, ema, args, epoch: int, device, world: int):
+    """One epoch (the EMA, if any, updated after each step); returns its mean training loss over every
+    process, and images per second."""
     model.train()
     loss_sum, seen, start = torch.zeros((), device=device, dtype=torch.float64), 0, time.perf_counter()
     batches, step, steps = [], 0, len(loader) // args.accum_steps
@@ -409,7 +399,9 @@ def train_one_epoch(model, loader, optimizer, mixing, args, epoch: int, device, 
         img, target = (torch.cat(t) for t in zip(*batches))  # the step's batch, mixed whole as without accum
         img, target = mixing(img, target) if mixing else (img, target)
         batches = list(zip(img.chunk(args.accum_steps), target.chunk(args.accum_steps)))
-        loss, n = train_step(model, optimizer, batches, args.smoothing), len(img)
+        loss, n = train_step(model, optimizer, batches, args.smoothing, args.clip_grad), len(img)
+        if ema:
+            ema.update_parameters(model)
         loss_sum, seen, batches, step = loss_sum + loss * n, seen + n * world, [], step + 1
         if step % args.log_every == 0:  # the loop's only waits for the device
             current = all_reduce(loss.clone()).item() / world
@@ -448,13 +440,20 @@ def run(args, device, rank: int, world: int):
         fail(f"{args.resume}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1]})")
     except ValueError as e:  # weights of another model
         fail(f"--finetune {args.finetune} {e}")
+    if args.eval_ema and not args.model_ema:
+        fail("--eval-ema evaluates the EMA of --model-ema: give its decay too")
+    ema = None
+    if args.model_ema:  # timm's ModelEmaV2: from the first weights, buffers (BatchNorm's) averaged too
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema), use_buffers=True)
+        ema.load_state_dict(ckpt["ema"]) if ckpt else ema.update_parameters(model)
     batch = args.batch_size // (world * args.accum_steps)  # each process's, each micro-batch's
     loaders = make_loaders(args, train_set, val_set, cfg.img_size, batch, device, rank, world)
     train_loader, val_loader = loaders
     compiled = compile_model(model, args.compile)
     static = batch if args.compile else None  # one shape for the compiled graph
+    judged = ema.module if args.eval_ema else compiled  # what evaluation, and so best.pt, reads
     if args.eval_only:
-        metrics = evaluate(compiled, val_loader, device, static)
+        metrics = evaluate(judged, val_loader, device, static)
         if MASTER:
             print(f"{args.resume}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
@@ -486,17 +485,20 @@ def run(args, device, rank: int, world: int):
         torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout, drop path, Mixup: no RNG state to keep
         train_loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, args)
+            group["lr"] = lr_at(epoch, args) * group["lr_scale"]
         begin = time.perf_counter()
-        train_loss, rate = train_one_epoch(ddp, train_loader, optimizer, mixing, args, epoch, device, world)
+        train_loss, rate = train_one_epoch(
+            ddp, train_loader, optimizer, mixing, ema, args, epoch, device, world
+        )
         metrics = dict(epoch=epoch + 1, train_loss=train_loss)
-        metrics |= evaluate(compiled, val_loader, device, static)
+        metrics |= evaluate(judged, val_loader, device, static)
         check_finite(train_loss + metrics["val_loss"], f"epoch {epoch + 1}")
         metrics.update(lr=lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
         is_best = metrics["val_top1"] > max((m["val_top1"] for m in history), default=-1.0)
         history.append(metrics)
         if MASTER:  # best.pt first: checkpoint.pt never names a best epoch whose file is not there
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=data)
+            state |= dict(ema=ema.state_dict() if ema else None)
             state |= dict(model_config=asdict(cfg), args=vars(args), history=history)
             for name in ("best.pt", "checkpoint.pt") if is_best else ("checkpoint.pt",):
                 save(out / name, state)

@@ -91,7 +91,10 @@ def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):
         ("note.txt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
         ("module.pt", r"\(UnpicklingError\): give a .pt file that torch.save wrote"),
         ("tensor.pt", r"is not a checkpoint of train.py \(Tensor\)"),
-        ("dict.pt", r"is not a checkpoint of train.py \(no args, data, epoch, history, model, model_config"),
+        (
+            "dict.pt",
+            r"is not a checkpoint of train.py \(no args, data, ema, epoch, history, model, model_config",
+        ),
     ]:
         with pytest.raises(SystemExit, match=rf"error: (cannot read checkpoint )?.*{name} {why}"):
             train.main(["--eval-only", "--resume", str(tmp_path / name)])

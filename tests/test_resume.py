@@ -32,8 +32,8 @@ def test_a_run_killed_mid_epoch_resumes_at_once_to_the_same_weights(tmp_path):
     """SIGKILL in epoch 2 (no handler runs), then at once --resume auto alone: the run ends bit for bit as
     one never stopped, though its DataLoader workers outlive the killed process a moment. Nothing of that
     process is needed: each epoch is seeded from (seed, epoch, rank) and each image's augmentation from
-    its index, so even another worker count changes nothing."""
-    flags = [*TINY, "--workers", "2", "--epochs", "3"]
+    its index, so even another worker count changes nothing. The weights' EMA, evaluated, goes on too."""
+    flags = [*TINY, "--workers", "2", "--epochs", "3", "--model-ema", "0.9", "--eval-ema", "true"]
     train.main([*flags, "--output-dir", str(tmp_path / "straight")])
     killed = train_script(tmp_path, *flags, "--output-dir", str(tmp_path / "killed"), signal_at=6, sig=9)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
@@ -41,6 +41,12 @@ def test_a_run_killed_mid_epoch_resumes_at_once_to_the_same_weights(tmp_path):
     train.main(["--resume", "auto", "--output-dir", str(tmp_path / "killed"), "--workers", "1"])
     assert same_weights(tmp_path / "straight/checkpoint.pt", tmp_path / "killed/checkpoint.pt")
     assert epochs_in(tmp_path / "killed") == [1, 2, 3]
+    straight, killed = (
+        torch.load(tmp_path / f"{n}/checkpoint.pt", weights_only=True) for n in ("straight", "killed")
+    )
+    assert all(torch.equal(straight["ema"][k], killed["ema"][k]) for k in straight["ema"])
+    judged = [[m["val_loss"] for m in c["history"]] for c in (straight, killed)]  # the EMA's, evaluated
+    assert judged[0] == judged[1]
 
 
 def interrupt_at(monkeypatch, at: int):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import QUIET, TINY, epochs_in, folder_run, run_train, train_script, weights, write_image_folder
 
+import models
 import train
 from mpvg import PE_MODES, create_model, load_model
 from training.finetune import load_pretrained, resize_pos_embed
@@ -239,12 +240,13 @@ def test_the_optimizer_decays_what_each_anchor_decays(recipe, decays_pos):
     assert decayed == matrices | ({"pos_embed", "cls_token"} if decays_pos else set())
 
 
-BASE = dict(epochs=2, warmup_epochs=1, cooldown_epochs=0, batch_size=8)  # every phase of the schedule
+BASE = dict(epochs=2, warmup_epochs=1, cooldown_epochs=0, batch_size=8, model_ema=0.9)  # every phase
 CHANGED = dict(  # each recipe value and another value of it
     model="deit_tiny", epochs=1, cooldown_epochs=1, batch_size=4, lr=1e-3, lr_batch_scale=4, min_lr=1e-4,
     warmup_lr=1e-4, warmup_epochs=0, weight_decay=0.5, decay_pos_embed=False, drop_path=0.3, attn_drop=0.3,
     smoothing=0.3, mixup=0.3, cutmix=0.3, randaug_magnitude=5, reprob=0.75, repeated_aug=3, crop_scale=0.5,
     hflip=0.0, eval_crop=0.875, interpolation="bilinear", mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.4),
+    optimizer="sgd", backbone_lr=0.5, clip_grad=1e-3, model_ema=0.5, eval_ema=True, train_crop="padded",
 )  # fmt: skip
 AUGMENTATION = [
     "crop_scale",
@@ -260,8 +262,8 @@ FINGERPRINTS = {}  # (flags, recipe) -> fingerprint: the base runs are shared
 
 
 def fingerprint(tmp_path, monkeypatch, flags: tuple, **recipe) -> list:
-    """The final weights and every epoch's validation loss of a tiny run on the cifar recipe, with some of
-    the recipe's values replaced (in RECIPES itself, not by flags)."""
+    """The final weights and their EMA, and every epoch's validation loss of a tiny run on the cifar recipe,
+    with some of the recipe's values replaced (in RECIPES itself, not by flags)."""
     key = (flags, tuple(sorted(recipe.items())))
     if key not in FINGERPRINTS:
         for name, value in {**BASE, **recipe}.items():
@@ -270,7 +272,8 @@ def fingerprint(tmp_path, monkeypatch, flags: tuple, **recipe) -> list:
         tiny += ["--patch-size", "4", "--dim", "8", "--depth", "2", "--heads", "2", "--workers", "0", *flags]
         train.main([*tiny, "--output-dir", str(tmp_path / "run")])
         losses = [json.loads(line)["val_loss"] for line in (tmp_path / "run/metrics.jsonl").open()]
-        FINGERPRINTS[key] = [weights(tmp_path / "run/checkpoint.pt"), losses]
+        ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+        FINGERPRINTS[key] = [ckpt["model"] | {f"ema.{k}": v for k, v in ckpt["ema"].items()}, losses]
     return FINGERPRINTS[key]
 
 
@@ -296,3 +299,40 @@ def test_training_stops_on_a_non_finite_loss_before_saving(tmp_path):
     ):
         run_train(tmp_path, "--epochs", "3", "--lr", "1e38", "--log-every", "1", *QUIET)
     assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "model", "recipe"),
+    [
+        ("imagenet", "swin_tiny", "swin"),
+        ("imagenet", "ceit_tiny", "ceit"),
+        ("imagenet", "t2t_vit_7", "t2t"),
+        ("cifar100", "t2t_vit_7", "t2t_cifar"),
+        ("imagenet", "deit_small", "deit"),
+        ("cifar100", "swin_tiny", "cifar"),
+    ],
+)
+def test_each_model_takes_its_anchors_recipe(data, model, recipe):
+    """Left out, --recipe is the model's anchor's for the data set (Table 7 with the anchor's values), else
+    the data set's; the recipe's values are the run's."""
+    args = train.parse_args(["--data", data, "--model", model])
+    assert args.recipe == recipe and args.lr == train.RECIPES[recipe]["lr"]
+
+
+def test_the_t2t_transfer_recipe_trains_the_head_at_lr_and_the_rest_at_a_hundredth(tmp_path, capsys):
+    """Table 2's T2T-ViT-7: SGD with momentum 0.9, the head at --lr and every other weight at 0.01 x --lr,
+    from the EMA weights of an ImageNet-style run that was judged by them."""
+    small = ["--model", "t2t_vit_7", "--img-size", "32", "--synthetic-size", "16"]
+    run_train(tmp_path, *small, "--recipe", "t2t", "--epochs", "1", "--repeated-aug", "1", name="pre")
+    pre = torch.load(tmp_path / "pre/best.pt", weights_only=True)
+    model = create_model("deit_tiny")
+    args = train.parse_args(["--data", "cifar100", "--model", "t2t_vit_7"])
+    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.SGD) and {g["momentum"] for g in optimizer.param_groups} == {0.9}
+    heads = {id(p) for p in model.head.parameters()}
+    for group in optimizer.param_groups:
+        assert group["lr_scale"] == (1.0 if {id(p) for p in group["params"]} <= heads else 0.01)
+    model = models.create_model("t2t_vit_7", pe="mpvg", img_size=32, dim=32, depth=2, heads=2, num_classes=16)
+    assert "the EMA weights" in load_pretrained(model, pre)
+    ema = {k.removeprefix("module."): v for k, v in pre["ema"].items()}
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items()) and pre["args"]["eval_ema"]

@@ -101,8 +101,11 @@ def build_transforms(args, img_size: int):
     mode = lambda name: getattr(v2.InterpolationMode, name.upper())  # noqa: E731
     modes = ("bilinear", "bicubic") if args.interpolation == "random" else (args.interpolation,)
     crops = [
-        v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=mode(m)) for m in modes
-    ]
+        v2.RandomResizedCrop(img_size, scale=(args.crop_scale, 1.0), interpolation=mode(m))
+        if args.train_crop == "resized"
+        else v2.Compose([v2.Resize(img_size, mode(m)), v2.RandomCrop(img_size, padding=img_size // 8)])
+        for m in modes
+    ]  # padded: T2T-ViT's transfer_learning.py
     train = [v2.ToImage(), v2.ToPureTensor(), v2.RandomChoice(crops), v2.RandomHorizontalFlip(args.hflip)]
     if args.randaug_magnitude > 0:
         train.append(RandAugment(args.randaug_magnitude, args.mean, args.interpolation))

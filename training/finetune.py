@@ -25,10 +25,13 @@ def load_pretrained(model, checkpoint: dict) -> list[str]:
     of another class count or resolution: the head stays new when its shape differs, pos_embed is resized
     to this model's grid (a class slot, told by its rows, kept, added or dropped), and weights that only
     one side has are named in the notes returned. Weights that do not fit: ValueError, in one line."""
-    state = checkpoint.get("model", checkpoint)
+    state, notes = checkpoint.get("model", checkpoint), []
+    if (checkpoint.get("args") or {}).get("eval_ema"):  # a train.py run judged by its EMA: those weights
+        state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
+        notes.append("the EMA weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("holds no weights: a dict of tensors, alone or under 'model'")
-    own, notes = model.state_dict(), []
+    own = model.state_dict()
     if not set(state) & set(own):
         raise ValueError(f"holds none of this model's weights (it has {', '.join(sorted(state)[:3])}, ...)")
     if "pos_embed" in state and "pos_embed" in own:
