@@ -6,6 +6,8 @@ T2T-ViT-7 beside it, built on mpvg.py's knobs (Table 1 and 2).
 
 from dataclasses import fields
 
+import torch
+
 from models.ceit import CEIT_TINY, CeiT
 from models.swin import SWIN_TINY, SwinConfig, SwinTransformer
 from models.t2t_vit import T2T_VIT_7, T2TViT
@@ -32,3 +34,12 @@ def config(name: str, **overrides):
 def create_model(name: str = "deit_tiny", **overrides):
     """A model of ARCHITECTURES, e.g. create_model("t2t_vit_7", pe="mpvg", num_classes=100)."""
     return ARCHITECTURES[name][0](config(name, **overrides))
+
+
+def load_model(checkpoint, map_location="cpu"):
+    """The model of a train.py checkpoint (its path, or the loaded dict), any architecture, in eval mode."""
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location, weights_only=True)
+    model = create_model(checkpoint["args"]["model"], **checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval()

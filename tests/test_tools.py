@@ -277,3 +277,34 @@ def test_every_speed_stage_is_a_command_its_script_takes(tmp_path):
                     argv
                 ) if script == "tools.benchmark" else train.build_parser().parse_args(argv)
                 assert limit > 0, name
+
+
+@pytest.mark.parametrize("name", ["ceit_tiny", "t2t_vit_7"])
+def test_analyze_gives_fig_4_of_ceit_and_t2t_vit(tmp_path, name):
+    """Fig. 4's correlations for the paper's CeiT-Ti and T2T-ViT-7 (MPVG: none at layer 0, one a layer
+    after), each r that of the heatmaps beside it; Swin, whose stages change the grid, is refused."""
+    tiny = ["--model", name, "--img-size", "32", "--dim", "16", "--depth", "3", "--heads", "2"]
+    report = analyze.main([*tiny, "--images", "4", "--out", str(tmp_path / name)])
+    assert report["fig4_correlation"][0] is None and len(report["fig4_correlation"]) == 3
+    for l in (1, 2):
+        r = analyze.pearson(report["fig2_tokens"][l], report["fig2_pos"][l])
+        assert r == pytest.approx(report["fig4_correlation"][l], abs=1e-3)
+    with pytest.raises(SystemExit, match="one token grid a layer.*not swin_tiny's"):
+        analyze.main(["--model", "swin_tiny", "--out", str(tmp_path / "swin")])
+
+
+def test_the_benchmark_times_swin_beside_timms():
+    """Swin-Ti's four modes, all averaging, beside timm's SwinTransformer built to the same size; no MFU,
+    which counts ViT's FLOPs alone."""
+    pytest.importorskip("timm")
+    tiny = ["--model", "swin_tiny", "--img-size", "16", "--patch-size", "2", "--window", "2", "--dim", "8"]
+    rows = benchmark.main([*tiny, "--heads", "1", "--batch-size", "2", "--steps", "1", "--rounds", "1"])
+    assert [r for r in rows if r != "data loader"] == [
+        "mpvg.py default (gap)",
+        "mpvg.py lape (gap)",
+        "mpvg.py pvg (gap)",
+        "mpvg.py mpvg (gap)",
+        "timm Swin (gap)",
+    ]
+    assert rows["timm Swin (gap)"]["params"] == rows["mpvg.py default (gap)"]["params"] - 64 * 8  # no APE
+    assert all(r.get("mfu") is None for r in rows.values())

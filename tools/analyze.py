@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+import models
 import train
-from mpvg import VisionTransformer, load_model
+from mpvg import VisionTransformer
 from training.data import Augmented, DataError, build_transforms
 
 
@@ -137,7 +138,7 @@ def analyse(model, images: torch.Tensor) -> dict:
         pooled representation (class token, or token mean) before and after it, Eq. (11) included,
         each averaged over the batch first (Appendix, Fig. 6).
     fig7_norms_pre, fig7_norms_post: per-patch-token L2 norms before and after the Last LN,
-        (B, H/P, W/P) (Appendix, Fig. 7).
+        (B, H/P, W/P) (Appendix, Fig. 7); None for CeiT, whose Last LN reads one token.
     """
     model.eval()
     trace = {}
@@ -147,6 +148,7 @@ def analyse(model, images: torch.Tensor) -> dict:
     pre, post = trace["pre_norm"], trace["post_norm"]
     grid = model.cfg.img_size // model.cfg.patch_size
     patch_norms = lambda t: t[:, t.shape[1] - grid * grid :].norm(dim=-1).unflatten(1, (grid, grid))  # noqa: E731
+    per_patch = pre.shape[1] >= grid * grid  # not CeiT's: its Last LN reads LCA's one token
     cosine = F.cosine_similarity(model.pool(pre).mean(dim=0), model.pool(post).mean(dim=0), dim=0)
     return dict(
         fig2_tokens=tokens,
@@ -157,8 +159,8 @@ def analyse(model, images: torch.Tensor) -> dict:
             gamma_var=float(model.norm.weight.var(unbiased=False)),
             cosine=float(cosine),
         ),
-        fig7_norms_pre=patch_norms(pre),
-        fig7_norms_post=patch_norms(post),
+        fig7_norms_pre=patch_norms(pre) if per_patch else None,
+        fig7_norms_post=patch_norms(post) if per_patch else None,
     )
 
 
@@ -168,8 +170,8 @@ def analyze(args, ours, device) -> dict:
     if args.resume:
         ckpt = train.load_checkpoint(Path(args.resume))
         try:
-            model = load_model(ckpt)
-        except (TypeError, RuntimeError) as e:  # a config or weights of another mpvg.py
+            model = models.load_model(ckpt)
+        except (TypeError, ValueError, RuntimeError) as e:  # a config or weights of another mpvg.py
             train.fail(f"{args.resume}: {str(e).strip().splitlines()[-1]}")
         path = Path(args.resume).resolve()
         source = (
@@ -178,8 +180,12 @@ def analyze(args, ours, device) -> dict:
     cfg = model.cfg if args.resume else train.model_config(args)
     _, val_set = train.build_datasets(args, cfg.img_size)
     if not args.resume:
-        model = VisionTransformer(cfg := replace(cfg, num_classes=len(val_set.classes)))
-        source = f"a new {cfg.pe} model"
+        cfg = replace(cfg, num_classes=len(val_set.classes))
+        model, source = models.create_model(args.model, **asdict(cfg)), f"a new {cfg.pe} model"
+    if not isinstance(model, VisionTransformer):
+        train.fail(
+            f"the analysis reads one token grid a layer, as ViT, CeiT and T2T-ViT have: not {args.model}'s"
+        )
     out = Path(ours.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +234,8 @@ def analyze(args, ours, device) -> dict:
 
     mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
     size, panels = (max(128, cfg.img_size),) * 2, []
-    for b in sorted(set(torch.linspace(0, n - 1, 4).long().tolist())):  # four images, spread over the classes
+    shown = [] if stats["fig7_norms_pre"] is None else torch.linspace(0, n - 1, 4).long().tolist()
+    for b in sorted(set(shown)):  # four images, spread over the classes
         picture = (images[b].cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).mul(255).round().to(torch.uint8)
         panels += [
             (f"image {b}", Image.fromarray(picture.numpy()).resize(size, Image.NEAREST)),
@@ -239,7 +246,10 @@ def analyze(args, ours, device) -> dict:
         f"Fig. 7 of {source}: the L2 norm of each patch token before and after the Last LN\n"
         "per map: white its smallest, red its largest"
     )
-    captioned(panels, 3, title).save(out / "fig7_token_norms.png")
+    figures = ["fig2_heatmaps.png", "fig4_correlation.png", "fig6_last_ln.png"]
+    if panels:
+        captioned(panels, 3, title).save(out / "fig7_token_norms.png")
+        figures.append("fig7_token_norms.png")
 
     report = dict(source=source, model_config=asdict(cfg), images=n, data=args.data, **stats)
     (out / "analysis.json").write_text(json.dumps(rounded(report)))
@@ -251,9 +261,7 @@ def analyze(args, ours, device) -> dict:
         f"Last LN: var(beta) {last['beta_var']:.4f}  var(gamma) {last['gamma_var']:.4f}  "
         f"cosine before/after {last['cosine']:.4f}"
     )
-    print(
-        "wrote fig2_heatmaps.png, fig4_correlation.png, fig6_last_ln.png, fig7_token_norms.png, analysis.json"
-    )
+    print(f"wrote {', '.join(figures)}, analysis.json")
     return report
 
 

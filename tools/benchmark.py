@@ -18,10 +18,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import models
 import train
-from mpvg import Config, VisionTransformer
+from models.swin import SwinConfig
+from mpvg import PRESETS, Config
 
 ROWS = "default:cls,default:gap,lape:cls,pvg:gap,mpvg:gap"  # each mode beside default pooled alike
+SWIN_ROWS = "default:gap,lape:gap,pvg:gap,mpvg:gap"  # Swin averages in every mode
 
 
 def flops_per_image(cfg: Config) -> float:
@@ -33,12 +36,23 @@ def flops_per_image(cfg: Config) -> float:
     return patches + cfg.depth * layer + 2 * d * cfg.num_classes
 
 
-def timm_twin(cfg: Config):
-    """timm's VisionTransformer built to the same configuration, or None without timm."""
+def timm_twin(name: str, cfg: Config):
+    """timm's VisionTransformer (or SwinTransformer, without the absolute PE) built to the same
+    configuration; None without timm, or for CeiT and T2T-ViT, which timm does not build."""
     try:
+        from timm.models.swin_transformer import SwinTransformer as TimmSwin
         from timm.models.vision_transformer import VisionTransformer as TimmViT
     except ImportError:
         return None
+    if name not in PRESETS and not isinstance(cfg, SwinConfig):
+        return None
+    if isinstance(cfg, SwinConfig):
+        size = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.dim, depths=cfg.depths)
+        size |= dict(num_heads=[cfg.heads << s for s in range(len(cfg.depths))], window_size=cfg.window)
+        rates = dict(drop_path_rate=cfg.drop_path, attn_drop_rate=cfg.attn_drop)
+        return TimmSwin(
+            num_classes=cfg.num_classes, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, **size, **rates
+        )
     cls = cfg.pool == "cls"
     size = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.dim)
     size |= dict(depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias)
@@ -97,13 +111,16 @@ def profile(step, name: str, cuda: bool, top: int = 12):
 def benchmark(args, ours, device) -> dict:
     cuda = device.type == "cuda"  # and so bf16 autocast, as in training
     configs = configurations(args, ours.rows)
-    builders = {f"mpvg.py {name}": (lambda c=c: VisionTransformer(c)) for name, c in configs.items()}
+    model_class = models.ARCHITECTURES[args.model][0]
+    builders = {f"mpvg.py {name}": (lambda c=c: model_class(c)) for name, c in configs.items()}
     for pool in (
         sorted({c.pool for c in configs.values()}) if ours.timm else []
     ):  # timm's twin of each pooling
-        twin = timm_twin(next(c for c in configs.values() if c.pool == pool))
+        twin = timm_twin(args.model, next(c for c in configs.values() if c.pool == pool))
         if twin is not None:
-            builders[f"timm ViT ({pool})"] = lambda twin=twin: twin
+            builders[f"timm {'Swin' if args.model == 'swin_tiny' else 'ViT'} ({pool})"] = lambda twin=twin: (
+                twin
+            )
     cfg = next(iter(configs.values()))
     img = torch.randn(args.batch_size, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
     target = torch.randint(cfg.num_classes, (args.batch_size,), device=device)
@@ -161,8 +178,10 @@ def benchmark(args, ours, device) -> dict:
             name.removeprefix("mpvg.py "), next(c for c in configs.values() if c.pool == pool)
         )
         r.update(ms_per_step=ms, images_per_sec=args.batch_size / ms * 1e3)
-        r["mfu"] = (
-            3 * flops_per_image(row_cfg) * r["images_per_sec"] / (ours.peak_tflops * 1e12) if cuda else None
+        r["mfu"] = (  # of ViT/DeiT, whose FLOPs flops_per_image counts
+            3 * flops_per_image(row_cfg) * r["images_per_sec"] / (ours.peak_tflops * 1e12)
+            if cuda and args.model in PRESETS
+            else None
         )
 
     def ratio(row: dict, other: str) -> str:
@@ -176,7 +195,8 @@ def benchmark(args, ours, device) -> dict:
             f"{name:<24}{r['params']:>12,}{r['images_per_sec']:>10.1f}{r['ms_per_step']:>9.1f}{memory:>9}",
             end="",
         )
-        print(f"{mfu:>7}{r['first_step_s']:>11.1f}{ratio(r, f'timm ViT {pool}'):>8}", end="")
+        timm = next((n for n in rows if n.startswith("timm") and n.endswith(pool)), "")
+        print(f"{mfu:>7}{r['first_step_s']:>11.1f}{ratio(r, timm):>8}", end="")
         print(f"{ratio(r, f'mpvg.py default {pool}'):>11}")
     if ours.profile:
         profile(steps[ours.profile], ours.profile, cuda)
@@ -186,7 +206,9 @@ def benchmark(args, ours, device) -> dict:
 def parse_args(argv=None):
     """The benchmark's own flags, and train.py's: the models, the data and the recipe."""
     p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--rows", default=ROWS, help=f"the models, as PE mode:pooling, comma-separated [{ROWS}]")
+    p.add_argument(
+        "--rows", help=f"the models, as PE mode:pooling, comma-separated [{ROWS}; swin_tiny: {SWIN_ROWS}]"
+    )
     p.add_argument("--steps", type=train.COUNT, default=10, help="timed steps per model per round [10]")
     p.add_argument("--rounds", type=train.COUNT, default=3, help="rounds, the models taking turns [3]")
     p.add_argument("--warmup", type=train.COUNT, default=3, help="untimed steps first, compiling [3]")
@@ -201,6 +223,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="PATH", help="also write the rows to this file")
     ours, rest = p.parse_known_args(argv)
     args = train.parse_args(["--data", "synthetic", "--recipe", "deit", *rest])
+    ours.rows = ours.rows or (SWIN_ROWS if args.model == "swin_tiny" else ROWS)
     names = [f"mpvg.py {name}" for name in configurations(args, ours.rows)]
     if ours.profile and ours.profile not in names:
         train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in names)}")
