@@ -126,6 +126,15 @@ class Config:
         return self.pe_input or bool(self.pe_layer_ids) or self.last_pe is not None
 
 
+def init_linears(model: nn.Module):
+    """Every Linear's weight truncated normal (std 0.02) and its bias 0, as timm's ViT and Swin do."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the residual branch of whole samples with probability p."""
     if p == 0.0 or not training:
@@ -228,11 +237,7 @@ class VisionTransformer(nn.Module):
             nn.init.zeros_(self.cls_token) if cct else nn.init.trunc_normal_(self.cls_token, std=0.02)
         if cct:
             nn.init.kaiming_normal_(self.patch_embed.proj.weight)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def no_weight_decay(self) -> set[str]:
         """Parameters a trainer must not decay (DeiT): pos_embed, cls_token, biases and LayerNorms."""

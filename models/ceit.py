@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mpvg import Block, Config, Mlp, VisionTransformer, drop_path
+from mpvg import Attention, Block, Config, Mlp, VisionTransformer, drop_path
 
 CEIT_TINY = dict(dim=192, heads=3)  # with DeiT-Ti's defaults: 12 layers, qkv bias, eps 1e-6, patch 16 in all
 
@@ -79,22 +79,17 @@ class LeFFBlock(Block):
         return x + drop_path(self.leff(self.norm2(x)), self.drop_prob, self.training)
 
 
-class LastTokenAttention(nn.Module):
+class LastTokenAttention(Attention):
     """LCA's attention: keys and values from every layer's token, the query from the last layer's alone."""
 
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.heads, self.dim = cfg.heads, cfg.dim
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.qkv.weight, self.qkv.bias
-        q = F.linear(x[:, -1:], weight[: self.dim], None if bias is None else bias[: self.dim])
-        kv = F.linear(x, weight[self.dim :], None if bias is None else bias[self.dim :])
+        weight, bias, dim = self.qkv.weight, self.qkv.bias, x.shape[-1]
+        q = F.linear(x[:, -1:], weight[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
         q = rearrange(q, "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(kv, "b n (kv h d) -> kv b h n d", kv=2, h=self.heads)
-        return self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)"))
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(rearrange(x, "b h n d -> b n (h d)"))
 
 
 class LCA(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mpvg import AUTO, Config, Mlp, drop_path
+from mpvg import AUTO, Config, Mlp, drop_path, init_linears
 
 SWIN_TINY = dict(img_size=224, patch_size=4, dim=96, depths=(2, 2, 6, 2), heads=3, norm_eps=1e-5)
 
@@ -196,11 +196,7 @@ class SwinTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name == "absolute_pos_embed" or name.endswith("relative_position_bias_table"):
                 nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self)
 
     def no_weight_decay(self) -> set[str]:
         """The official recipe's: 1-D parameters and both position tables."""

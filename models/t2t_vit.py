@@ -80,18 +80,15 @@ class T2TViT(VisionTransformer):
         del self.patch_embed
         self.tokens_to_token = TokensToToken(cfg)
         if self.pos_embed is not None:  # fixed, as in the official code: a parameter that is never trained
-            self.pos_embed = nn.Parameter(sinusoid(cfg.num_tokens, cfg.dim), requires_grad=False)
+            self.pos_embed.requires_grad_(False)
         self.init_weights()
 
     def init_weights(self):
-        """Linear weights truncated normal (std 0.02), biases 0, LayerNorms 1 and 0, cls_token as DeiT's."""
-        if self.cls_token is not None:
-            nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        """DeiT's (Linear weights and cls_token truncated normal, std 0.02), the PE the sinusoid table."""
+        super().init_weights()
+        if self.pos_embed is not None:
+            with torch.no_grad():
+                self.pos_embed.copy_(sinusoid(self.cfg.num_tokens, self.cfg.dim))
 
     def patches(self, img: torch.Tensor) -> torch.Tensor:
         return self.tokens_to_token(img)

@@ -320,3 +320,16 @@ def test_each_model_trains_resumes_and_evaluates_through_train_py(tmp_path, name
     assert ckpt["epoch"] == 1 and ckpt["args"]["model"] == name
     result = train.main(["--eval-only", "--resume", str(tmp_path / "run/checkpoint.pt")])
     assert result["val_top1"] == ckpt["history"][-1]["val_top1"]
+
+
+def test_ceits_lca_is_full_attention_read_at_the_last_token():
+    """LCA's attention (the query from the last layer's token only) is the last row of full multi-head
+    self-attention with the same weights: the official code's split of qkv into q and kv, read literally."""
+    from mpvg import Attention
+
+    lca = tiny("ceit_tiny").lca.attn
+    full = Attention(lca_cfg := models.config("ceit_tiny", **TINY_MODELS["ceit_tiny"]))
+    full.load_state_dict(lca.state_dict())
+    layers = torch.randn(2, lca_cfg.depth, lca_cfg.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(lca(layers), full(layers)[:, -1:])
