@@ -135,6 +135,16 @@ def init_linears(model: nn.Module):
                 nn.init.zeros_(m.bias)
 
 
+def check_images(img: torch.Tensor, cfg: Config) -> Config:
+    """cfg, if img is a batch of the images it describes, else a ValueError that says what is wrong."""
+    if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+        raise ValueError(
+            f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
+            f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
+        )
+    return cfg
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: drop the residual branch of whole samples with probability p."""
     if p == 0.0 or not training:
@@ -267,12 +277,7 @@ class VisionTransformer(nn.Module):
 
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> x_0, the tokens entering layer 0 (B, N, D), a class token first."""
-        cfg = self.cfg
-        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ValueError(
-                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
-                f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
-            )
+        cfg = check_images(img, self.cfg)
         x = self.patches(img)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mpvg import AUTO, Config, Mlp, drop_path, init_linears
+from mpvg import AUTO, Config, Mlp, check_images, drop_path, init_linears
 
 SWIN_TINY = dict(img_size=224, patch_size=4, dim=96, depths=(2, 2, 6, 2), heads=3, norm_eps=1e-5)
 
@@ -237,12 +237,7 @@ class SwinTransformer(nn.Module):
 
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> y, the Last LN's output on the last grid (B, H', W', C')."""
-        cfg = self.cfg
-        if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ValueError(
-                f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
-                f"got {tuple(img.shape)}"
-            )
+        cfg = check_images(img, self.cfg)
         x = self.patch_embed(img)
         pos = self.layer_pos() if cfg.pe_layer_ids else [None] * cfg.depth
         if cfg.pe_input:
