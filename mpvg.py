@@ -217,6 +217,8 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    block = Block  # layer l's class (CeiT's LeFF block replaces it)
+
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg = cfg
@@ -226,7 +228,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim)) if cfg.has_pos_embed else None
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # also under a meta device
         self.blocks = nn.ModuleList(
-            Block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
+            self.block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the Last LN, Eq. (4)
         # Eq. (11) writes LN(pos_0) beside LN(x_{L+1}); it gets a LayerNorm of its own, not the Last LN's:

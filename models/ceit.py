@@ -106,6 +106,8 @@ class LCA(nn.Module):
 
 
 class CeiT(VisionTransformer):
+    block = LeFFBlock
+
     def __init__(self, cfg: Config):
         if cfg.patch_size % 4:
             raise ValueError(
@@ -114,9 +116,6 @@ class CeiT(VisionTransformer):
         super().__init__(cfg)
         del self.patch_embed
         self.i2t = ImageToTokens(cfg)
-        self.blocks = nn.ModuleList(
-            LeFFBlock(cfg, block.drop_prob, block.pe_norm is not None) for block in self.blocks
-        )
         self.lca = LCA(cfg)  # without drop path, as the official code
         self.pos_layer_embed = nn.Parameter(torch.zeros(1, cfg.depth, cfg.dim))  # LCA's own PE, one per layer
         self.init_weights()
@@ -131,9 +130,8 @@ class CeiT(VisionTransformer):
         for block, pos_l in zip(self.blocks, pos):
             tokens.append(x)
             x = block(x, pos_l)
-            layers.append(
-                x[:, 0] if cfg.pool == "cls" else x.mean(dim=1)
-            )  # its class token, or under GAP its mean
+            # the layer's class token for LCA, or under GAP its token mean
+            layers.append(x[:, 0] if cfg.pool == "cls" else x.mean(dim=1))
         lca = self.lca(torch.stack(layers, dim=1) + self.pos_layer_embed)
         y = self.norm(lca)  # the Last LN
         if self.last_pe_norm is not None:

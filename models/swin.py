@@ -216,17 +216,17 @@ class SwinTransformer(nn.Module):
 
     def layer_pos(self) -> list[torch.Tensor | None]:
         """The PE each layer receives, (1, H, W, C) at its stage, or None: mpvg.py's layer_pos, with each
-        stage's patch merging carrying both pos_l and (for pe_hierarchical=False) pos_0 to its grid."""
-        pos = first = self.pos_0()
-        received, at = [], 0
+        stage's patch merging carrying on to its grid what the next LN' reads: the last PE received (Eq.
+        (7)/(10)), or for pe_hierarchical=False pos_0 (Table 6)."""
+        carried, received, at = self.pos_0(), [], 0
         for s, block in self.blocks():
             if s > at:  # a new stage: merge what is carried, as the tokens are
-                pos, first, at = self.layers[s].downsample(pos), self.layers[s].downsample(first), s
+                carried, at = self.layers[s].downsample(carried), s
             if block.pe_norm is None:
                 received.append(None)
                 continue
-            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else first)  # Eq. (7)/(10); Table 6
-            received.append(pos)
+            received.append(pos := block.pe_norm(carried))
+            carried = pos if self.cfg.pe_hierarchical else carried
         return received
 
     def carried(self, pos: torch.Tensor, s: int) -> torch.Tensor:
