@@ -10,16 +10,15 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import train
 from mpvg import create_model
-from training import device_data, randaugment
+from training import device_data, engine, flags, randaugment
 from training.data import EpochSampler, PlusSigns, build_transforms
 from training.finetune import resize_pos_embed
 from training.mixing import Mixing
 
 
 def cifar_args(*extra):
-    return train.parse_args(["--recipe", "cifar", *extra])
+    return flags.parse(["--recipe", "cifar", *extra])[0]
 
 
 def fixed_image(seed=0):
@@ -341,7 +340,7 @@ def test_the_loss_smooths_mixed_targets_as_timm(classes, smoothing, lam, seed):
     def loss(target):
         model = FixedLogits(logits.clone())
         return float(
-            train.train_step(
+            engine.train_step(
                 model, torch.optim.SGD(model.parameters(), lr=0.0), [(torch.zeros(4), target)], smoothing
             )
         )
@@ -359,8 +358,8 @@ def test_evaluate_pads_a_short_batch_without_counting_the_padding():
         (torch.randn(4, 3, 16, 16, generator=g), torch.randint(3, (4,), generator=g)) for _ in range(2)
     ]
     batches[1] = (batches[1][0][:3], batches[1][1][:3])
-    plain = train.evaluate(model, batches, torch.device("cpu"))
-    padded = train.evaluate(model, batches, torch.device("cpu"), batch=4)
+    plain = engine.evaluate(model, batches, torch.device("cpu"))
+    padded = engine.evaluate(model, batches, torch.device("cpu"), batch=4)
     assert plain == pytest.approx(padded)
 
 

@@ -5,9 +5,11 @@ import re
 
 import pytest
 import torch
+import torchvision
 from conftest import folder_run, run_train, write_image_folder
 
 import train
+from training import checkpoint, flags, recipes
 
 BAD_VALUES = [  # (flag, a value outside its range), for every flag that has one
     *[(f, "0") for f in ("--epochs", "--batch-size", "--accum-steps", "--repeated-aug", "--synthetic-size")],
@@ -18,7 +20,8 @@ BAD_VALUES = [  # (flag, a value outside its range), for every flag that has one
     ("--drop-path", "1"), ("--attn-drop", "-0.1"), ("--smoothing", "1"), ("--reprob", "2"),
     ("--hflip", "nan"), ("--crop-scale", "0"), ("--eval-crop", "1.5"), ("--randaug-magnitude", "11"),
     ("--epochs", "2.5"), ("--pe-input", "yes"), ("--last-pe", "first"), ("--pe", "rope"),
-    ("--model", "deit_huge"), ("--epoch", "5"),
+    ("--model", "deit_huge"), ("--epoch", "5"), ("--finetune", ""), ("--resume", ""), ("--output-dir", ""),
+    ("--lr", "11"), ("--backbone-lr", "1e308"), ("--mixup", "1e-300"), ("--eval-crop", "1e-300"),
 ]  # fmt: skip
 
 
@@ -43,7 +46,7 @@ def test_bad_data_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="data/train and .*data/val hold different class folders"):
         train.main(["--data", "imagenet", "--data-path", str(tmp_path / "data")])
     monkeypatch.setattr(
-        train.torchvision.datasets.CIFAR100, "download", lambda self: exec("raise OSError('offline')")
+        torchvision.datasets.CIFAR100, "download", lambda self: exec("raise OSError('offline')")
     )
     with pytest.raises(
         SystemExit, match=r"cannot load --data cifar100 from .* \(OSError: offline\); see --data-path"
@@ -64,7 +67,7 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, workers, damage):
     bad.write_bytes(b"not a jpeg" if damage == "not an image" else bad.read_bytes()[:300])
     error = "UnidentifiedImageError" if damage == "not an image" else "OSError"
     with pytest.raises(
-        SystemExit, match=rf"^__main__.py: error: cannot read .*dog/3\.jpg \({error}.*delete or replace it$"
+        SystemExit, match=rf"^train.py: error: cannot read .*dog/3\.jpg \({error}.*delete or replace it$"
     ):
         train.main(folder_run(tmp_path / "data", "--workers", workers, "--output-dir", str(tmp_path / "r")))
 
@@ -115,10 +118,10 @@ def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):
 
 
 def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
-    """Config's checks, --resume with --finetune, --eval-only without a checkpoint, an empty path (an
-    unset shell variable), a batch that does not split over the processes or fills no step."""
+    """Config's checks, --resume with --finetune, --eval-only without a checkpoint, a batch that does not
+    split over the processes or fills no step."""
     write_image_folder(tmp_path / "data")
-    for flags, message in [
+    for given, message in [
         (["--pe", "mpvg", "--pool", "cls"], "incompatible with the class token"),
         (
             ["--last-pe", "5"],
@@ -130,7 +133,6 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
             "--resume PATH goes on with a run and --finetune starts a new one",
         ),
         (["--eval-only"], "--eval-only needs a checkpoint"),
-        (["--finetune", ""], "--resume or --finetune got an empty path"),
         (["--batch-size", "128"], "64 training images a process make no step: lower --batch-size"),
         (
             ["--device-data", "on", "--data", "imagenet", "--data-path", str(tmp_path / "data")],
@@ -138,7 +140,7 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
         ),
     ]:
         with pytest.raises(SystemExit, match=message):
-            run_train(tmp_path, *flags)
+            run_train(tmp_path, *given)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit, match="--batch-size 15 does not split evenly over 2 process"):
         run_train(tmp_path, "--batch-size", "15")
@@ -154,29 +156,29 @@ def test_errors_are_printed_by_rank_0_alone(monkeypatch):
     with pytest.raises(SystemExit, match="error: cannot read img.jpg$"):  # one only this process met
         train.fail("cannot read img.jpg", every_rank=True)
     monkeypatch.setattr(train, "MASTER", True)
-    with pytest.raises(SystemExit, match="^__main__.py: error: the same message on every rank$"):
+    with pytest.raises(SystemExit, match="^train.py: error: the same message on every rank$"):
         train.fail("the same message on every rank")
 
 
 def test_help_shows_every_default_and_each_recipes_value():
     """--help tells the truth: the value each recipe gives every recipe flag, the default of every other
     (0 included), and which flags a resume may be given anew."""
-    text = " ".join(train.build_parser().format_help().split())  # what --help prints, its lines joined
-    for key in train.RECIPES["deit"]:
+    text = " ".join(flags.build_parser().format_help().split())  # what --help prints, its lines joined
+    for key in recipes.RECIPES["deit"]:
         if key not in ("mean", "std"):
-            shown = "; ".join(f"{r}: {train.RECIPES[r][key]}" for r in train.RECIPES)
+            shown = "; ".join(f"{r}: {recipes.RECIPES[r][key]}" for r in recipes.RECIPES)
             assert f"[{shown}]" in text, key
-    for key, value in train.DEFAULTS.items():
+    for key, value in flags.DEFAULTS.items():
         if value is not None and value is not False:
             assert re.search(rf"--{key.replace('_', '-')} .*?\[{re.escape(str(value))}\]", text), key
-    for key in train.MAY_CHANGE - {"resume", "eval_only"}:
+    for key in checkpoint.MAY_CHANGE - {"resume", "eval_only"}:
         assert f"--{key.replace('_', '-')}" in text.split("given anew only")[1].split(".")[0], key
 
 
 def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tmp_path):
     (tmp_path / "file").write_text("keep me")
     for name in ("file", "file/run"):
-        with pytest.raises(SystemExit, match=f"cannot make --output-dir .*{name} "):
+        with pytest.raises(SystemExit, match=f"cannot write into --output-dir .*{name} "):
             run_train(tmp_path, "--epochs", "1", name=name)
     assert (tmp_path / "file").read_text() == "keep me"
 

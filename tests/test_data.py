@@ -6,9 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import folder_run, write_cifar100, write_image_folder
 
 import train
+from training import flags
 from training.data import Augmented, EpochSampler, PlusSigns, build_transforms, chance
 
 
@@ -16,7 +18,7 @@ def test_cifar100_loads_from_the_real_pickle_layout(tmp_path, monkeypatch):
     """torchvision's CIFAR100 on a tiny set in its real on-disk format (the md5 check aside: a tiny file
     cannot have the real archive's)."""
     write_cifar100(tmp_path / "data")
-    monkeypatch.setattr(train.torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: True)
     flags = [
         "--data",
         "cifar100",
@@ -113,9 +115,9 @@ def test_repeated_augmentation_puts_an_images_copies_side_by_side_each_augmented
     keys = [k for rank in range(3) for k in EpochSampler(30, 3, rank, seed=0, repeats=3)]
     assert sorted(k[0] for k in keys) == sorted(k[0] for k in keys[::3] for _ in range(3))
     assert {frozenset(c for i, _, c in keys if i == index) for index, _, _ in keys} == {frozenset({0, 1, 2})}
-    args = train.parse_args(["--recipe", "cifar"])
+    args = flags.parse(["--recipe", "cifar"])[0]
     augmented = Augmented(PlusSigns(30, 32, seed=0), build_transforms(args, 32)[0], seed=0)
     copies = [augmented[(5, 0, c)][0] for c in range(3)]
     assert not torch.equal(copies[0], copies[1]) and not torch.equal(copies[1], copies[2])
     assert torch.equal(augmented[(5, 0, 1)][0], copies[1])
-    assert train.parse_args(["--data", "imagenet"]).repeated_aug == 3  # on one process too, as DeiT's main.py
+    assert flags.parse(["--data", "imagenet"])[0].repeated_aug == 3  # on one process too, as DeiT's main.py

@@ -7,8 +7,8 @@ import shlex
 import pytest
 from conftest import REPO
 
-import train
 from tools import analyze, benchmark, speed, workshop
+from training import flags
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
@@ -51,10 +51,10 @@ def test_every_documented_command_parses():
     """Each names a script that exists and flags that script takes; every script is documented."""
 
     def tool(module):
-        return lambda argv: train.build_parser().parse_args(module.build_parser().parse_known_args(argv)[1])
+        return lambda argv: flags.build_parser().parse_args(module.build_parser().parse_known_args(argv)[1])
 
     parsers = {
-        "train.py": lambda argv: train.build_parser().parse_args(argv),
+        "train.py": lambda argv: flags.build_parser().parse_args(argv),
         "tools.benchmark": benchmark.parse_args,
         "tools.analyze": tool(analyze),
         "tools.workshop": lambda argv: workshop.build_parser().parse_args(argv),

@@ -24,6 +24,7 @@ from conftest import (
 )
 
 import train
+from training import checkpoint
 
 # 64 images in batches of 16: 4 optimizer steps an epoch. Step 6 is the middle of the second epoch.
 
@@ -151,7 +152,7 @@ def test_a_kill_between_the_two_saves_of_a_best_epoch_still_goes_on(tmp_path, mo
     one), the folder's newest checkpoint is best.pt, and both the printed command and --resume auto go on
     from it to the weights of a run never stopped."""
     run_train(tmp_path, "--epochs", "2", name="straight")
-    save = train.save
+    save = checkpoint.save
 
     def stopped_after_best(path, obj):
         save(path, obj)
@@ -159,7 +160,7 @@ def test_a_kill_between_the_two_saves_of_a_best_epoch_still_goes_on(tmp_path, mo
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(train, "save", stopped_after_best)
+        m.setattr(checkpoint, "save", stopped_after_best)
         with pytest.raises(SystemExit):
             run_train(tmp_path, "--epochs", "2")
     assert sorted(snapshot(tmp_path / "run")) == ["best.pt"]
@@ -206,7 +207,7 @@ def test_a_resume_keeps_its_flags_but_where_and_how_it_runs(tmp_path):
     welcome (torchrun restarts the whole command), a new one only for MAY_CHANGE."""
     run_train(tmp_path, "--epochs", "1")
     for flag, value in (
-        ("--lr", "0.1"),
+        ("--weight-decay", "0.1"),
         ("--pe", "lape"),
         ("--dim", "48"),
         ("--seed", "3"),
@@ -253,7 +254,7 @@ def test_a_save_is_on_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch
         os, "fsync", lambda fd: events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))) or fsync(fd)
     )
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or replace(a, b))
-    train.save(tmp_path / "x.pt", {"w": torch.zeros(2)})
+    checkpoint.save(tmp_path / "x.pt", {"w": torch.zeros(2)})
     assert events == [("fsync", False), ("replace", str(tmp_path / "x.pt")), ("fsync", True)]
     assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.zeros(2))
 
@@ -262,11 +263,11 @@ def test_the_resumed_checkpoint_is_freed_once_applied(tmp_path, monkeypatch):
     """The checkpoint's weights (and optimizer state: a DeiT-B's is about 1 GB) are not held while the
     resumed run trains."""
     run_train(tmp_path, "--epochs", "1")
-    load, train_one_epoch, loaded, alive = train.load_checkpoint, train.train_one_epoch, [], []
+    load, train_one_epoch, loaded, alive = checkpoint.read, train.train_one_epoch, [], []
 
-    def remembered(path, keys=train.CHECKPOINT_KEYS, mmap=False):
-        ckpt = load(path, keys, mmap)
-        loaded.append(weakref.ref(ckpt["model"]["head.weight"])) if not mmap else None
+    def remembered(*args, **kwargs):
+        ckpt = load(*args, **kwargs)
+        loaded.append(weakref.ref(ckpt["model"]["head.weight"]))
         return ckpt
 
     def watched(*args, **kwargs):
@@ -274,7 +275,7 @@ def test_the_resumed_checkpoint_is_freed_once_applied(tmp_path, monkeypatch):
         alive.append(loaded[0]() is not None)
         return train_one_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "load_checkpoint", remembered)
+    monkeypatch.setattr(checkpoint, "read", remembered)
     monkeypatch.setattr(train, "train_one_epoch", watched)
     run_train(tmp_path, "--epochs", "2", "--resume", "auto")
     assert alive == [False]

@@ -15,9 +15,9 @@ from conftest import TINY, run_train
 from hypothesis import given
 from hypothesis import strategies as st
 
-import train
 from mpvg import PE_MODES, create_model
 from tools import analyze, benchmark, speed, workshop
+from training import engine, flags
 
 
 def count(model):
@@ -62,14 +62,14 @@ def test_benchmark_compares_each_mode_with_default_pooled_alike(capsys, monkeypa
     }
     clock = [0.0]
 
-    train_step = train.train_step
+    train_step = engine.train_step
 
     def timed_step(model, *args, **kwargs):
         train_step(model, *args, **kwargs)
         cfg = getattr(model, "cfg", None)  # timm's twins have none
         clock[0] += costs[(cfg.pe, cfg.pool) if cfg else None]
 
-    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(benchmark, "train_step", timed_step)
     monkeypatch.setattr(
         benchmark, "time", SimpleNamespace(perf_counter=lambda: time.perf_counter() + clock[0])
     )
@@ -275,7 +275,7 @@ def test_every_speed_stage_is_a_command_its_script_takes(tmp_path):
                 argv = command[command.index(script) + 1 :]
                 benchmark.parse_args(
                     argv
-                ) if script == "tools.benchmark" else train.build_parser().parse_args(argv)
+                ) if script == "tools.benchmark" else flags.build_parser().parse_args(argv)
                 assert limit > 0, name
 
 

@@ -1,9 +1,11 @@
 """train.py end to end: a run's files, the first command, DDP as one process, accumulation, fine-tuning,
 the compiled path, the schedule and the optimizer of each anchor, and every recipe value at work."""
 
+import argparse
 import json
 import math
 import re
+import shlex
 
 import pytest
 import torch
@@ -11,7 +13,9 @@ from conftest import QUIET, TINY, epochs_in, folder_run, run_train, train_script
 
 import models
 import train
+import training.data
 from mpvg import PE_MODES, create_model, load_model
+from training import checkpoint, engine, flags, recipes
 from training.finetune import load_pretrained, resize_pos_embed
 
 MODES = ["default", "lape", "pvg", "mpvg"]
@@ -29,7 +33,7 @@ def test_a_run_writes_its_checkpoints_and_metrics_and_reloads(tmp_path, capsys):
     progress = re.findall(r"^epoch (\d) step (\d)/4  loss [\d.]+  \d+ img/s$", out, re.M)
     assert progress == [("1", "2"), ("1", "4"), ("2", "2"), ("2", "4")]
     ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
-    assert set(ckpt) == train.CHECKPOINT_KEYS and ckpt["epoch"] == 1 and ckpt["history"] == lines
+    assert set(ckpt) == checkpoint.FIELDS and ckpt["epoch"] == 1 and ckpt["history"] == lines
     model = load_model(tmp_path / "run/best.pt")
     assert not model.training and model.cfg.num_classes == 16 and model.cfg.pe == "mpvg"
     evaluated = train.main(["--eval-only", "--resume", str(tmp_path / "run/best.pt")])  # its flags its own
@@ -95,8 +99,8 @@ def test_accumulated_micro_batches_make_exactly_the_large_step(tmp_path):
     b.load_state_dict(a.state_dict())
     img, target = torch.randn(8, 3, 16, 16, dtype=torch.float64), torch.randint(5, (8,))
     opt_a, opt_b = (torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05) for m in (a, b))
-    loss_a = train.train_step(a, opt_a, [(img, target)], smoothing=0.1)
-    loss_b = train.train_step(b, opt_b, [(img[:4], target[:4]), (img[4:], target[4:])], smoothing=0.1)
+    loss_a = engine.train_step(a, opt_a, [(img, target)], smoothing=0.1)
+    loss_b = engine.train_step(b, opt_b, [(img[:4], target[:4]), (img[4:], target[4:])], smoothing=0.1)
     assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-12)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
@@ -200,9 +204,9 @@ def test_compiled_training_evaluates_and_resumes(tmp_path, monkeypatch):
 def test_every_loader_yields_plain_tensors(device_data):
     """torchvision's tv_tensors.Image must never reach the model (under dynamo in torch 2.11 it recursed
     in __torch_function__): training and validation batches, DataLoader workers and the device path."""
-    args = train.parse_args([*TINY, "--device-data", device_data, "--workers", "2"])
-    train_set, val_set = train.build_datasets(args, 16)
-    for loader in train.make_loaders(args, train_set, val_set, 16, 16, torch.device("cpu"), 0, 1):
+    args = flags.parse([*TINY, "--device-data", device_data, "--workers", "2"])[0]
+    train_set, val_set = training.data.build_datasets(args, 16)
+    for loader in training.data.make_loaders(args, train_set, val_set, 16, 16, torch.device("cpu"), 0, 1):
         img, target = next(iter(loader))
         assert type(img) is torch.Tensor and type(target) is torch.Tensor and img.dtype == torch.float32
 
@@ -211,8 +215,8 @@ def test_every_loader_yields_plain_tensors(device_data):
 def test_the_lr_schedule_of_every_epoch_is_timms(recipe):
     """Linear warmup from warmup_lr, cosine from the peak to min_lr, then cooldown at min_lr: every epoch
     of both recipes against the rule written out here; DeiT's peak is 5e-4 x batch / 512."""
-    args = train.parse_args(["--recipe", recipe, "--batch-size", "1024"])
-    r = train.RECIPES[recipe]
+    args = flags.parse(["--recipe", recipe, "--batch-size", "1024"])[0]
+    r = recipes.RECIPES[recipe]
     peak = r["lr"] * (1024 / r["lr_batch_scale"] if r["lr_batch_scale"] else 1)
     cosine = r["epochs"] - r["cooldown_epochs"]
     for epoch in range(r["epochs"]):
@@ -222,16 +226,16 @@ def test_the_lr_schedule_of_every_epoch_is_timms(recipe):
             expected = r["min_lr"] + (peak - r["min_lr"]) * (1 + math.cos(math.pi * epoch / cosine)) / 2
         else:
             expected = r["min_lr"]
-        assert train.lr_at(epoch, args) == pytest.approx(expected, rel=1e-12), epoch
+        assert engine.lr_at(epoch, args) == pytest.approx(expected, rel=1e-12), epoch
 
 
 @pytest.mark.parametrize("recipe, decays_pos", [("deit", False), ("cifar", True)])
 def test_the_optimizer_decays_what_each_anchor_decays(recipe, decays_pos):
     """Never biases or LayerNorms; pos_embed and cls_token not under DeiT (its no_weight_decay), but under
     Compact Transformers (which has no exemption list)."""
-    args = train.parse_args(["--recipe", recipe])
+    args = flags.parse(["--recipe", recipe])[0]
     model = create_model("deit_tiny", pe="lape", depth=2, img_size=32, patch_size=16)
-    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
+    optimizer = engine.build_optimizer(model, args, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert all(g["weight_decay"] in (0.0, args.weight_decay) for g in optimizer.param_groups)
@@ -267,7 +271,12 @@ def fingerprint(tmp_path, monkeypatch, flags: tuple, **recipe) -> list:
     key = (flags, tuple(sorted(recipe.items())))
     if key not in FINGERPRINTS:
         for name, value in {**BASE, **recipe}.items():
-            monkeypatch.setitem(train.RECIPES["cifar"], name, value)
+            if name in ("mean", "std"):  # the normalisation, not a flag
+                mean_std = recipes.NORMALISATION["cifar"]
+                value = (value, mean_std[1]) if name == "mean" else (mean_std[0], value)
+                monkeypatch.setitem(recipes.NORMALISATION, "cifar", value)
+            else:
+                monkeypatch.setitem(recipes.RECIPES["cifar"], name, value)
         tiny = ["--data", "synthetic", "--recipe", "cifar", "--synthetic-size", "16", "--img-size", "8"]
         tiny += ["--patch-size", "4", "--dim", "8", "--depth", "2", "--heads", "2", "--workers", "0", *flags]
         train.main([*tiny, "--output-dir", str(tmp_path / "run")])
@@ -291,14 +300,30 @@ def test_every_recipe_value_changes_the_run(tmp_path, monkeypatch, key, flags):
     )
 
 
-def test_training_stops_on_a_non_finite_loss_before_saving(tmp_path):
-    """Epoch 1 trains at the warmup's 1e-6, epoch 2 at a peak of 1e38: the loss overflows in epoch 2 and
-    the run stops in one line, epoch 1's checkpoint whole and the last saved."""
-    with pytest.raises(
-        SystemExit, match=r"the loss became (nan|inf) in epoch 2, step \d; stopped before saving"
-    ):
-        run_train(tmp_path, "--epochs", "3", "--lr", "1e38", "--log-every", "1", *QUIET)
+def test_training_stops_on_a_non_finite_loss_before_saving_and_a_lower_lr_goes_on(tmp_path, monkeypatch):
+    """A loss that overflows in epoch 2 (here: images scaled by 1e38 from its second step on) stops the run
+    in one line, epoch 1's checkpoint whole and the last saved; the command it names, with a lower --lr,
+    goes on from there with that lr."""
+    steps, step = [], engine.train_step
+
+    def overflowing(model, optimizer, micro_batches, *args):
+        steps.append(1)
+        scale = 1e38 if len(steps) > 5 else 1.0
+        return step(model, optimizer, [(img * scale, t) for img, t in micro_batches], *args)
+
+    monkeypatch.setattr(engine, "train_step", overflowing)
+    with pytest.raises(SystemExit) as stopped:
+        run_train(tmp_path, "--epochs", "3", "--log-every", "1", *QUIET)
+    message = str(stopped.value.code)
+    assert re.search(r"the loss became (nan|inf) in epoch 2, step \d; stopped before saving", message)
     assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 0
+    go_on = message.split("with a lower lr: ")[1].replace("LOWER", "1e-4")
+    monkeypatch.setattr(engine, "train_step", step)
+    train.main(shlex.split(go_on)[2:])
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    resumed = argparse.Namespace(**ckpt["args"])
+    assert ckpt["epoch"] == 2 and resumed.lr == 1e-4
+    assert ckpt["history"][1]["lr"] == engine.lr_at(1, resumed) != engine.lr_at(1, flags.parse(TINY)[0])
 
 
 @pytest.mark.parametrize(
@@ -315,8 +340,8 @@ def test_training_stops_on_a_non_finite_loss_before_saving(tmp_path):
 def test_each_model_takes_its_anchors_recipe(data, model, recipe):
     """Left out, --recipe is the model's anchor's for the data set (Table 7 with the anchor's values), else
     the data set's; the recipe's values are the run's."""
-    args = train.parse_args(["--data", data, "--model", model])
-    assert args.recipe == recipe and args.lr == train.RECIPES[recipe]["lr"]
+    args = flags.parse(["--data", data, "--model", model])[0]
+    assert args.recipe == recipe and args.lr == recipes.RECIPES[recipe]["lr"]
 
 
 def test_the_t2t_transfer_recipe_trains_the_head_at_lr_and_the_rest_at_a_hundredth(tmp_path, capsys):
@@ -326,8 +351,8 @@ def test_the_t2t_transfer_recipe_trains_the_head_at_lr_and_the_rest_at_a_hundred
     run_train(tmp_path, *small, "--recipe", "t2t", "--epochs", "1", "--repeated-aug", "1", name="pre")
     pre = torch.load(tmp_path / "pre/best.pt", weights_only=True)
     model = create_model("deit_tiny")
-    args = train.parse_args(["--data", "cifar100", "--model", "t2t_vit_7"])
-    optimizer = train.build_optimizer(model, args, torch.device("cpu"))
+    args = flags.parse(["--data", "cifar100", "--model", "t2t_vit_7"])[0]
+    optimizer = engine.build_optimizer(model, args, torch.device("cpu"))
     assert isinstance(optimizer, torch.optim.SGD) and {g["momentum"] for g in optimizer.param_groups} == {0.9}
     heads = {id(p) for p in model.head.parameters()}
     for group in optimizer.param_groups:

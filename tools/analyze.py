@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 import models
-import train
 from mpvg import VisionTransformer
-from training.data import Augmented, DataError, build_transforms
+from training import UserError, flags
+from training.data import Augmented, DataError, build_datasets, build_transforms
+from training.engine import model_config
+from training.recipes import NORMALISATION
 
 
 def font(size: int = 14):
@@ -164,40 +166,41 @@ def analyse(model, images: torch.Tensor) -> dict:
     )
 
 
-def analyze(args, ours, device) -> dict:
-    """The figures and analysis.json of the checkpoint args.resume, or of a new model of the flags."""
+def analyze(args, resumed: tuple[Path, dict] | None, ours, device) -> dict:
+    """The figures and analysis.json of the checkpoint `resumed` (its path and contents), or of a new model
+    of the flags."""
     torch.manual_seed(args.seed)  # a new model's weights, and so its figures, are the same every run
-    if args.resume:
-        ckpt = train.load_checkpoint(Path(args.resume))
+    if resumed:
+        path, ckpt = resumed
         try:
             model = models.load_model(ckpt)
         except (TypeError, ValueError, RuntimeError) as e:  # a config or weights of another mpvg.py
-            train.fail(f"{args.resume}: {str(e).strip().splitlines()[-1]}")
-        path = Path(args.resume).resolve()
-        source = (
-            f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine's path
-        )
-    cfg = model.cfg if args.resume else train.model_config(args)
-    _, val_set = train.build_datasets(args, cfg.img_size)
-    if not args.resume:
+            raise UserError(f"{path}: {str(e).strip().splitlines()[-1]}") from None
+        path = path.resolve()
+        source = f"{path.parent.name}/{path.name} (epoch {ckpt['epoch'] + 1})"  # the run, not the machine's
+    cfg = model.cfg if resumed else model_config(args)
+    _, val_set = build_datasets(args, cfg.img_size)
+    if not resumed:
         cfg = replace(cfg, num_classes=len(val_set.classes))
         model, source = models.create_model(args.model, **asdict(cfg)), f"a new {cfg.pe} model"
     if not isinstance(model, VisionTransformer):
-        train.fail(
+        raise UserError(
             f"the analysis reads one token grid a layer, as ViT, CeiT and T2T-ViT have: not {args.model}'s"
         )
     out = Path(ours.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        train.fail(f"cannot write --out {out} ({type(e).__name__}: {e.strerror}): choose another folder")
+        raise UserError(
+            f"cannot write --out {out} ({type(e).__name__}: {e.strerror}): choose another folder"
+        ) from None
     val_set = Augmented(val_set, build_transforms(args, cfg.img_size)[1], args.seed)
     n = min(ours.images, len(val_set))
     spread = torch.linspace(0, len(val_set) - 1, n).long().tolist()  # image folders are sorted by class
     try:
         images = torch.stack([val_set[i][0] for i in spread]).to(device)
     except DataError as e:  # an unreadable image, named
-        train.fail(str(e))
+        raise UserError(str(e)) from None
     stats = analyse(model.to(device), images)
 
     zoom = max(1, 160 // max(cfg.num_tokens, cfg.dim))
@@ -232,7 +235,7 @@ def analyze(args, ours, device) -> dict:
     )
     captioned(strips, 1, title).save(out / "fig6_last_ln.png")
 
-    mean, std = torch.tensor(args.mean)[:, None, None], torch.tensor(args.std)[:, None, None]
+    mean, std = (torch.tensor(v)[:, None, None] for v in NORMALISATION[args.recipe])
     size, panels = (max(128, cfg.img_size),) * 2, []
     shown = [] if stats["fig7_norms_pre"] is None else torch.linspace(0, n - 1, 4).long().tolist()
     for b in sorted(set(shown)):  # four images, spread over the classes
@@ -267,9 +270,9 @@ def analyze(args, ours, device) -> dict:
 
 def build_parser():
     """The analysis's own flags; every other flag is train.py's."""
-    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of train.py [none: a new model]")
-    p.add_argument("--images", type=train.COUNT, default=64, help="validation images averaged over [64]")
+    p.add_argument("--images", type=flags.COUNT, default=64, help="validation images averaged over [64]")
     p.add_argument("--out", default="runs/analysis", help="the folder of the figures and analysis.json")
     return p
 
@@ -277,8 +280,11 @@ def build_parser():
 def main(argv=None):
     ours, rest = build_parser().parse_known_args(argv)
     train_flags = ["--eval-only", "--resume", ours.checkpoint] if ours.checkpoint else ["--data", "synthetic"]
-    args = train.parse_args([*train_flags, *rest])
-    return analyze(args, ours, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        args, resumed = flags.parse([*train_flags, *rest])
+        return analyze(args, resumed, ours, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except UserError as e:
+        raise SystemExit(f"analyze.py: error: {e}") from None
 
 
 if __name__ == "__main__":

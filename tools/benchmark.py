@@ -12,16 +12,18 @@ given).
 import json
 import os
 import time
-from argparse import Namespace
+from argparse import ArgumentTypeError, Namespace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import models
-import train
 from models.swin import SwinConfig
-from mpvg import PRESETS, Config
+from mpvg import PE_MODES, PRESETS, Config
+from training import UserError, flags
+from training.data import build_datasets, make_loaders
+from training.engine import build_optimizer, compile_model, model_config, train_step
 
 ROWS = "default:cls,default:gap,lape:cls,pvg:gap,mpvg:gap"  # each mode beside default pooled alike
 SWIN_ROWS = "default:gap,lape:gap,pvg:gap,mpvg:gap"  # Swin averages in every mode
@@ -65,8 +67,7 @@ def configurations(args, rows: str) -> dict[str, Config]:
     """The rows' models: the flags' model in each PE mode, with the pooling the row names."""
     pairs = [row.split(":") for row in rows.split(",")]
     return {
-        f"{pe} ({pool})": train.model_config(Namespace(**vars(args) | dict(pe=pe, pool=pool)))
-        for pe, pool in pairs
+        f"{pe} ({pool})": model_config(Namespace(**vars(args) | dict(pe=pe, pool=pool))) for pe, pool in pairs
     }
 
 
@@ -74,12 +75,12 @@ def time_data_loader(args, device, batches: int = 10) -> float:
     """Images/s that train.py's training loader delivers with the recipe's augmentations, model aside: a
     DataLoader over `batches` batches once its workers run; the device loader over a whole epoch (it
     augments a chunk of the epoch at a time)."""
-    img_size = train.model_config(args).img_size
-    train_set, val_set = train.build_datasets(args, img_size)
-    loader, _ = train.make_loaders(args, train_set, val_set, img_size, args.batch_size, device, 0, 1)
+    img_size = model_config(args).img_size
+    train_set, val_set = build_datasets(args, img_size)
+    loader, _ = make_loaders(args, train_set, val_set, img_size, args.batch_size, device, 0, 1)
     on_device = not isinstance(loader, torch.utils.data.DataLoader)
     if len(loader) < (1 if on_device else 2):  # the first batch starts the workers: a second is timed
-        train.fail(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images")
+        raise UserError(f"--batch-size {args.batch_size} is too large for {len(train_set)} training images")
     it = iter(loader)
     if not on_device:
         next(it)  # the workers start
@@ -129,11 +130,11 @@ def benchmark(args, ours, device) -> dict:
     steps, rows = {}, {}
     for name, build in tqdm(builders.items(), desc="warm-up and compile", leave=False, disable=None):
         model = build().to(device)  # one at a time, so that each peak is its own
-        optimizer = train.build_optimizer(model, args, device)
-        compiled = train.compile_model(model, args.compile)
+        optimizer = build_optimizer(model, args, device)
+        compiled = compile_model(model, args.compile)
 
         def step(model=compiled, optimizer=optimizer):  # exactly the training loop's step
-            train.train_step(model, optimizer, [(img, target)], args.smoothing)
+            train_step(model, optimizer, [(img, target)], args.smoothing)
 
         held = torch.cuda.memory_allocated(device) if cuda else 0
         if cuda:
@@ -203,37 +204,54 @@ def benchmark(args, ours, device) -> dict:
     return rows
 
 
+def row_list(text: str) -> str:
+    """--rows: PE mode:pooling pairs, comma-separated."""
+    for row in text.split(","):
+        pe, _, pool = row.partition(":")
+        if pe not in PE_MODES or pool not in ("cls", "gap"):
+            raise ArgumentTypeError(f"{row!r} is no PE mode:pooling, such as mpvg:gap")
+    return text
+
+
 def parse_args(argv=None):
     """The benchmark's own flags, and train.py's: the models, the data and the recipe."""
-    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument(
-        "--rows", help=f"the models, as PE mode:pooling, comma-separated [{ROWS}; swin_tiny: {SWIN_ROWS}]"
+        "--rows",
+        type=row_list,
+        help=f"the models, as PE mode:pooling, comma-separated [{ROWS}; swin_tiny: {SWIN_ROWS}]",
     )
-    p.add_argument("--steps", type=train.COUNT, default=10, help="timed steps per model per round [10]")
-    p.add_argument("--rounds", type=train.COUNT, default=3, help="rounds, the models taking turns [3]")
-    p.add_argument("--warmup", type=train.COUNT, default=3, help="untimed steps first, compiling [3]")
+    p.add_argument("--steps", type=flags.COUNT, default=10, help="timed steps per model per round [10]")
+    p.add_argument("--rounds", type=flags.COUNT, default=3, help="rounds, the models taking turns [3]")
+    p.add_argument("--warmup", type=flags.COUNT, default=3, help="untimed steps first, compiling [3]")
     p.add_argument(
-        "--peak-tflops", type=train.POSITIVE, default=989.4, help="dense bf16 peak, for MFU [989.4]"
+        "--peak-tflops", type=flags.POSITIVE, default=989.4, help="dense bf16 peak, for MFU [989.4]"
     )
-    p.add_argument("--timm", type=train.boolean, default=True, help="timm's ViT too, where it imports [true]")
+    p.add_argument("--timm", type=flags.boolean, default=True, help="timm's ViT too, where it imports [true]")
     p.add_argument(
         "--profile", metavar="ROW", help="torch.profiler's top kernels of a row: 'mpvg.py mpvg (gap)'"
     )
     p.add_argument("--loader-only", action="store_true", help="time train.py's training loader alone")
     p.add_argument("--json", metavar="PATH", help="also write the rows to this file")
     ours, rest = p.parse_known_args(argv)
-    args = train.parse_args(["--data", "synthetic", "--recipe", "deit", *rest])
+    args = flags.parse(["--data", "synthetic", "--recipe", "deit", *rest])[0]
     ours.rows = ours.rows or (SWIN_ROWS if args.model == "swin_tiny" else ROWS)
     names = [f"mpvg.py {name}" for name in configurations(args, ours.rows)]
     if ours.profile and ours.profile not in names:
-        train.fail(f"--profile names no row: choose one of {', '.join(repr(r) for r in names)}")
+        raise UserError(f"--profile names no row: choose one of {', '.join(repr(r) for r in names)}")
     if ours.json and (Path(ours.json).is_dir() or not os.access(Path(ours.json).parent, os.W_OK)):
-        train.fail(f"--json {ours.json} cannot be written: give a file in a folder you can write")
+        raise UserError(f"--json {ours.json} cannot be written: give a file in a folder you can write")
     return ours, args
 
 
 def main(argv=None):
-    ours, args = parse_args(argv)
+    try:
+        return measure(*parse_args(argv), argv)
+    except UserError as e:
+        raise SystemExit(f"benchmark.py: error: {e}") from None
+
+
+def measure(ours, args, argv) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = {
         "data loader": dict(images_per_sec=time_data_loader(args, device))

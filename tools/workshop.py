@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import train
 from mpvg import Config, VisionTransformer
+from training import flags
 from training.data import PlusSigns
+from training.engine import evaluate, train_step
 
 TINY_VIT = dict(img_size=16, patch_size=4, num_classes=16, dim=48, depth=4, heads=3, mlp_ratio=2.0)
 MODELS = [  # (pe, pool): every pairing of the paper's Fig. 1, and no PE at all
@@ -58,9 +59,9 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
         model.train()
         for _ in tqdm(range(epochs), desc=f"{pe} ({pool})", leave=False, disable=None):
             for batch in loader:
-                train.train_step(model, optimizer, [batch], smoothing=0.0)
+                train_step(model, optimizer, [batch], smoothing=0.0)
                 schedule.step()
-        top1 = train.evaluate(model, DataLoader(val_set, batch_size=256), torch.device("cpu"))["val_top1"]
+        top1 = evaluate(model, DataLoader(val_set, batch_size=256), torch.device("cpu"))["val_top1"]
         params = sum(p.numel() for p in model.parameters())
         rows.append(dict(pe=pe, pool=pool, params=params, top1=top1, seconds=time.perf_counter() - start))
         print(f"{pe:<9}{pool:<6}{params:>8,}{top1:>7.1f}%{rows[-1]['seconds']:>5.0f}", flush=True)
@@ -68,8 +69,8 @@ def workshop(seed: int = 0, epochs: int = 10, train_size: int = 4096, val_size: 
 
 
 def build_parser():
-    p = train.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--seed", type=train.SEED, default=0, help="data and initialisation [0]")
+    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--seed", type=flags.SEED, default=0, help="data and initialisation [0]")
     return p
 
 

@@ -1,4 +1,7 @@
-"""The parts of training that train.py imports, one concern a module: timm's RandAugment and Mixup/CutMix
-as the recipes use them, a data set held on the device and augmented there in chunks, the built-in task,
-and weights carried into a model of another resolution or class count. None imports train.py.
-"""
+"""The library of train.py and the tools: the command line (flags), the data (data, device_data, mixing,
+randaugment), the model's training and evaluation (engine), checkpoints and resumes (checkpoint), the
+recipes, and weights carried into another model (finetune). Nothing here imports a script."""
+
+
+class UserError(Exception):
+    """A user's error: what was wrong and what to do, in one line that each program prints as its own."""

@@ -1,11 +1,19 @@
-"""The data side of train.py's story: the built-in task, per-image augmentation that does not depend on
-the number of processes or loader workers, and the sampler that deals each epoch to the processes."""
+"""The data of a run: the data sets (CIFAR-100, an image folder, the built-in task), per-image augmentation
+that does not depend on the number of processes or loader workers, the sampler that deals each epoch to
+the processes, and the loaders."""
+
+import os
+from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset, Sampler
+import torch.distributed as dist
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torchvision.transforms import v2
 
+from training import UserError, device_data
 from training.randaugment import RandAugment
+from training.recipes import NORMALISATION
 
 
 def seed_of(*keys: int) -> int:
@@ -98,6 +106,7 @@ class EpochSampler(Sampler):
 def build_transforms(args, img_size: int):
     """A recipe's training and evaluation transforms of one uint8 image (timm's order), each ending in a
     plain tensor (no tv_tensors subclass reaches the model)."""
+    mean, std = NORMALISATION[args.recipe]
     mode = lambda name: getattr(v2.InterpolationMode, name.upper())  # noqa: E731
     modes = ("bilinear", "bicubic") if args.interpolation == "random" else (args.interpolation,)
     crops = [
@@ -108,11 +117,57 @@ def build_transforms(args, img_size: int):
     ]  # padded: T2T-ViT's transfer_learning.py
     train = [v2.ToImage(), v2.ToPureTensor(), v2.RandomChoice(crops), v2.RandomHorizontalFlip(args.hflip)]
     if args.randaug_magnitude > 0:
-        train.append(RandAugment(args.randaug_magnitude, args.mean, args.interpolation))
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(args.mean, args.std)]
+        train.append(RandAugment(args.randaug_magnitude, mean, args.interpolation))
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     train += tail
     if args.reprob > 0:
         train.append(v2.RandomErasing(args.reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value="random"))
     resize = v2.Resize(int(img_size / args.eval_crop), mode(args.interpolation.replace("random", "bicubic")))
     val = [v2.ToImage(), v2.ToPureTensor(), resize, v2.CenterCrop(img_size), *tail]
     return v2.Compose(train), v2.Compose(val)
+
+
+def build_datasets(args, img_size: int) -> tuple[Dataset, Dataset]:
+    """The training and validation sets, untransformed; each lists its `classes` and `targets`."""
+    root = Path(args.data_path)
+    try:
+        if args.data == "synthetic":
+            size = args.synthetic_size
+            return PlusSigns(size, img_size, args.seed), PlusSigns(max(size // 5, 1), img_size, args.seed + 1)
+        if args.data == "cifar100":
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # one download a machine, the others wait
+                torchvision.datasets.CIFAR100(root, download=True)
+            if dist.is_initialized():
+                dist.barrier()
+            return tuple(torchvision.datasets.CIFAR100(root, train=t) for t in (True, False))
+        train, val = (torchvision.datasets.ImageFolder(root / split) for split in ("train", "val"))
+    except Exception as e:  # offline, a half-downloaded archive, no such folder, no images in one, ...
+        raise UserError(
+            f"cannot load --data {args.data} from {root} ({type(e).__name__}: {e}); see --data-path"
+        ) from None
+    if train.classes != val.classes:
+        raise UserError(f"{root}/train and {root}/val hold different class folders; they must match")
+    return train, val
+
+
+def make_loaders(args, train_set, val_set, img_size: int, batch: int, device, rank: int, world: int):
+    """Loaders of `batch` images per process (the training one's sampler an EpochSampler): DataLoader
+    workers by default; with --device-data, the whole set as uint8 on the device, augmented there."""
+    train_tf, val_tf = build_transforms(args, img_size)
+    sampler = EpochSampler(len(train_set), world, rank, args.seed, args.repeated_aug)
+    shard = range(rank, len(val_set), world)  # every validation image once, on one process
+    auto = args.data == "cifar100" and device.type == "cuda" and args.train_crop == "resized"
+    if args.device_data == "on" or (args.device_data == "auto" and auto):
+        if args.data == "imagenet":
+            raise UserError(
+                "--device-data holds sets of one image size (cifar100, synthetic): use --device-data off"
+            )
+        if args.train_crop != "resized":
+            raise UserError("--device-data crops as RandomResizedCrop only: use --device-data off")
+        return device_data.loaders(args, train_set, val_set, sampler, shard, img_size, batch, val_tf, device)
+    seeds = torch.Generator().manual_seed(args.seed)  # the workers' own, not drawn from the global RNG
+    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, generator=seeds)
+    kw |= dict(prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
+    train = Augmented(train_set, train_tf, args.seed)
+    train = DataLoader(train, batch, sampler=sampler, drop_last=True, **kw)
+    return train, DataLoader(Subset(Augmented(val_set, val_tf, args.seed), shard), batch, **kw)

@@ -12,6 +12,7 @@ import math
 import torch
 
 from training import randaugment
+from training.recipes import NORMALISATION
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -91,9 +92,9 @@ class BatchAugment:
 
     def __init__(self, args, size: int):
         self.args, self.size = args, size
-        self.mean = torch.tensor(args.mean)[:, None, None]
-        self.std = torch.tensor(args.std)[:, None, None]
-        self.fill = randaugment.fill_colour(args.mean)
+        mean, std = NORMALISATION[args.recipe]
+        self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+        self.fill = randaugment.fill_colour(mean)
 
     def __call__(
         self, x: torch.Tensor, g: torch.Generator, g_device: torch.Generator | None = None

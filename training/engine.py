@@ -1,0 +1,144 @@
+"""What every program does with a model: build it from the flags, its optimiser and schedule, one training
+step, one epoch, and the evaluation (DeiT's engine.py and timm's train.py are the anchors)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import models
+from mpvg import Config
+from training import UserError
+from training.checkpoint import MODEL_FLAGS
+
+
+def model_config(args) -> Config:
+    """The model the flags ask for: the preset, its knobs set by --pe, then the model flags given."""
+    knobs = dict(pe=args.pe, drop_path=args.drop_path, attn_drop=args.attn_drop)
+    knobs |= {k: getattr(args, k) for k in MODEL_FLAGS if hasattr(args, k)}  # the model flags given
+    try:
+        return models.config(args.model, **knobs)
+    except ValueError as e:  # the architecture's own checks, said in one line as for any flag
+        raise UserError(str(e)) from None
+
+
+def build_optimizer(model, args, device: torch.device):
+    """AdamW (or SGD with momentum 0.9), no weight decay on biases and norms (all 1-D parameters, as timm's
+    optimizer factory), nor on model.no_weight_decay() (DeiT: pos_embed, cls_token) unless
+    --decay-pos-embed. Each group's lr_scale: 1 for the head, --backbone-lr for the rest."""
+    skip = {n for n, p in model.named_parameters() if p.ndim <= 1}
+    skip |= set() if args.decay_pos_embed else model.no_weight_decay()
+    named, groups = list(model.named_parameters()), []
+    for decayed, head in itertools.product((True, False), (False, True)):
+        params = [p for n, p in named if (n not in skip) == decayed and n.startswith("head.") == head]
+        scale = 1.0 if head else args.backbone_lr
+        groups += (
+            [dict(params=params, weight_decay=args.weight_decay * decayed, lr_scale=scale)] if params else []
+        )
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr_at(0, args), momentum=0.9)
+    return torch.optim.AdamW(groups, lr=lr_at(0, args), eps=1e-8, fused=device.type == "cuda")
+
+
+def lr_at(epoch: int, args) -> float:
+    """timm's per-epoch cosine schedule, as DeiT and Compact Transformers use it: linear warmup from
+    warmup_lr, cosine from the peak to min_lr over epochs - cooldown_epochs, then min_lr. The peak is
+    --lr, scaled by batch / --lr-batch-scale unless that is 0 (DeiT: 5e-4 x batch / 512)."""
+    peak = args.lr * (args.batch_size / args.lr_batch_scale if args.lr_batch_scale else 1)
+    cosine_epochs = args.epochs - args.cooldown_epochs
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + epoch * (peak - args.warmup_lr) / args.warmup_epochs
+    if epoch >= cosine_epochs:
+        return args.min_lr
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch / cosine_epochs))
+
+
+def compile_model(model, mode: str | None):
+    """torch.compile with static shapes (the CUDA graphs of reduce-overhead replay one shape)."""
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False) if mode else model
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, batch: int | None = None) -> dict:
+    """Loss, top-1 and top-5 over every validation image of every process. With `batch`, a short last batch
+    is padded to that size and the padding ignored, so a compiled model sees one shape."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top-1, top-5, count
+    for img, target in loader:
+        img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        n = len(target)
+        if batch and n < batch:
+            img = torch.cat([img, img[:1].expand(batch - n, *img.shape[1:])])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(img)[:n]
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == target[:, None]
+        loss = F.cross_entropy(logits.float(), target, reduction="sum")
+        counts = [loss, hits[:, 0].sum(), hits.any(-1).sum(), torch.tensor(n, device=device)]
+        sums += torch.stack([c.to(torch.float64) for c in counts])  # all on the device: no sync per batch
+    loss, top1, top5, n = all_reduce(sums).tolist()
+    return dict(val_loss=loss / max(n, 1), val_top1=100 * top1 / max(n, 1), val_top5=100 * top5 / max(n, 1))
+
+
+def train_step(model, optimizer, micro_batches, smoothing: float, clip: float = 0.0) -> torch.Tensor:
+    """One optimizer step over one or more micro-batches [(img, target)]: the gradient of their mean loss,
+    exactly as one batch of them all (no BatchNorm here); DDP syncs gradients on the last one only.
+    Targets are class ids (B,) or Mixup's soft targets (B, C): cross_entropy smooths either as timm."""
+    total = 0.0
+    for i, (img, target) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext():
+            with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=img.is_cuda):  # bf16 on a GPU
+                logits = model(img)
+            logits = logits.float() if img.is_cuda else logits  # the loss in float32 at least
+            loss = F.cross_entropy(logits, target, label_smoothing=smoothing) / len(micro_batches)
+            loss.backward()
+        total = total + loss.detach()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def train_one_epoch(model, loader, optimizer, mixing, ema, args, epoch: int, device, world: int):
+    """One epoch (the EMA, if any, updated after each step); returns its mean training loss over every
+    process, and images per second. A loss that is not finite at a progress line: FloatingPointError."""
+    model.train()
+    loss_sum, seen, start = torch.zeros((), device=device, dtype=torch.float64), 0, time.perf_counter()
+    batches, step, steps = [], 0, len(loader) // args.accum_steps
+    for img, target in loader:
+        img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        batches.append((img, target))
+        if len(batches) < args.accum_steps:
+            continue
+        img, target = (torch.cat(t) for t in zip(*batches))  # the step's batch, mixed whole as without accum
+        img, target = mixing(img, target) if mixing else (img, target)
+        batches = list(zip(img.chunk(args.accum_steps), target.chunk(args.accum_steps)))
+        loss, n = train_step(model, optimizer, batches, args.smoothing, args.clip_grad), len(img)
+        if ema:
+            ema.update_parameters(model)
+        loss_sum, seen, batches, step = loss_sum + loss * n, seen + n * world, [], step + 1
+        if step % args.log_every == 0:  # the loop's only waits for the device
+            current = all_reduce(loss.clone()).item() / world
+            if not math.isfinite(current):
+                raise FloatingPointError(f"the loss became {current} in epoch {epoch + 1}, step {step}")
+            if os.environ.get("RANK", "0") == "0":
+                rate = seen / (time.perf_counter() - start)
+                print(f"epoch {epoch + 1} step {step}/{steps}  loss {current:.4f}  {rate:.0f} img/s")
+    count = torch.tensor(seen / world, device=device, dtype=torch.float64)
+    total = all_reduce(torch.stack([loss_sum, count]))
+    return (total[0] / total[1].clamp(min=1)).item(), seen / (time.perf_counter() - start)
