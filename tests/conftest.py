@@ -49,27 +49,37 @@ def epochs_in(folder: Path) -> list[int]:
 
 STEPPER = """
 import os, runpy, signal, sys, torch
-step, at, seen = torch.optim.AdamW.step, int(os.environ["SIGNAL_AT_STEP"]), []
-def stepping(self, *args, **kwargs):  # the optimizer's at-th step sends the signal
+import training.data
+at, moment, seen = int(os.environ["SIGNAL_AT"]), os.environ["SIGNAL_IN"], []
+def send():  # the at-th time the moment comes, the signal goes out (not again once torchrun restarted us)
     seen.append(1)
     if len(seen) == at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         target = 0 if os.environ["SIGNAL_TO"] == "group" else os.getpid()
         (os.killpg if target == 0 else os.kill)(target, int(os.environ["SIGNAL"]))
-    return step(self, *args, **kwargs)
-torch.optim.AdamW.step = stepping
+def wrap(owner, name):
+    original = getattr(owner, name)
+    def wrapped(*args, **kwargs):
+        if moment == name:
+            send()  # its handler runs at once, inside the function
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+wrap(torch.optim.AdamW, "step")  # the optimizer's step: in the middle of an epoch
+wrap(torch, "save")  # a checkpoint being written
+wrap(training.data, "build_datasets")  # start-up
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """
 
 
-def train_script(tmp_path, *argv, signal_at=0, sig=9, to="process", torchrun=(), timeout=240):
+def train_script(tmp_path, *argv, signal_at=0, sig=9, to="process", at="step", torchrun=(), timeout=240):
     """train.py as its command runs it (its __main__), in a process group of its own and with as many
-    threads as this process; at the optimizer's `signal_at`-th step it sends `sig` to itself or its whole
-    group (not again once torchrun restarted it). torchrun: the launcher's flags, to run under it."""
+    threads as this process; the `signal_at`-th time that `at` comes (the optimizer's "step", a checkpoint
+    being written in "save", start-up's "build_datasets") it sends `sig` to itself or its whole group (not
+    again once torchrun restarted it). torchrun: the launcher's flags, to run under it."""
     stepper = tmp_path / "stepper.py"
     stepper.write_text(STEPPER)
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
-    env |= dict(SIGNAL_AT_STEP=str(signal_at), SIGNAL=str(sig), SIGNAL_TO=to)
+    env |= dict(SIGNAL_AT=str(signal_at), SIGNAL_IN=at, SIGNAL=str(sig), SIGNAL_TO=to)
     env |= dict(
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"
     )  # as docs/training.md says for restarts: pytorch#135712

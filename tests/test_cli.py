@@ -2,6 +2,8 @@
 nothing written, --help tells the truth, and errors come from rank 0 alone."""
 
 import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -117,6 +119,18 @@ def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):
     assert not (tmp_path / "fine").exists()
 
 
+def test_an_evaluation_of_the_ema_of_a_checkpoint_without_one_is_one_line(tmp_path):
+    """--model-ema alone changes nothing of an evaluation; --eval-ema where the run kept no EMA is refused."""
+    run_train(tmp_path, "--epochs", "1", "--model-ema", "0")
+    best = str(tmp_path / "run/best.pt")
+    plain = train.main(["--eval-only", "--resume", best])
+    assert train.main(["--eval-only", "--resume", best, "--model-ema", "0.9"]) == plain
+    with pytest.raises(
+        SystemExit, match=f"^train.py: error: {best} holds no EMA of the weights: drop --model-ema"
+    ):
+        train.main(["--eval-only", "--resume", best, "--model-ema", "0.9", "--eval-ema", "true"])
+
+
 def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
     """Config's checks, --resume with --finetune, --eval-only without a checkpoint, a batch that does not
     split over the processes or fills no step."""
@@ -181,6 +195,37 @@ def test_an_output_dir_that_cannot_be_a_folder_is_refused_before_training(tmp_pa
         with pytest.raises(SystemExit, match=f"cannot write into --output-dir .*{name} "):
             run_train(tmp_path, "--epochs", "1", name=name)
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder on a read-only file system (a tmpfs mounted so), where even root cannot write."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", folder], capture_output=True
+    ).returncode:
+        pytest.skip("mount is not allowed here: no read-only file system to try")
+    yield folder
+    subprocess.run(["umount", folder], check=True)
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_training(tmp_path, read_only, capsys):
+    """A new run, a resume and a fine-tune into a read-only folder: one line, before any epoch is trained."""
+    for name in ("read_only", "read_only/run"):
+        with pytest.raises(
+            SystemExit, match=f"cannot write into --output-dir .*{name} .Read-only file system"
+        ):
+            run_train(tmp_path, "--epochs", "1", name=name)
+    run_train(tmp_path, "--epochs", "1")
+    subprocess.run(["mount", "-o", "remount,rw", read_only], check=True)
+    for name in ("checkpoint.pt", "best.pt", "metrics.jsonl"):
+        shutil.copy(tmp_path / "run" / name, read_only)
+    subprocess.run(["mount", "-o", "remount,ro", read_only], check=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="cannot write into --output-dir .*read_only .Read-only file system"):
+        train.main(["--resume", "auto", "--output-dir", str(read_only), "--epochs", "2"])
+    assert "epoch 2" not in capsys.readouterr().out
 
 
 def test_the_largest_seed_runs_on_either_loader(tmp_path):

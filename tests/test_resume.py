@@ -4,10 +4,14 @@ saved and how to go on, files are written whole, and a run's folder holds that r
 import errno
 import gc
 import os
+import re
 import shlex
 import signal
+import struct
 import weakref
+import zipfile
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +106,34 @@ def test_a_preemption_says_what_is_saved_and_its_command_goes_on(tmp_path):
     assert last == f"train.py: interrupted; {run}/checkpoint.pt holds epoch 1. Go on: {go_on}"
     train.main(shlex.split(go_on)[2:])
     assert same_weights(tmp_path / "straight/checkpoint.pt", run / "checkpoint.pt")
+
+
+@pytest.mark.parametrize(
+    "at, sig, to, saved",
+    [
+        ("build_datasets", signal.SIGTERM, "group", None),  # start-up
+        ("save", signal.SIGTERM, "group", "best.pt"),  # epoch 1's first file, half written
+        ("save", signal.SIGINT, "process", "best.pt"),
+        ("step", signal.SIGINT, "group", "checkpoint.pt"),  # epoch 2, workers alive
+    ],
+)
+def test_an_interrupt_at_any_moment_is_one_line_and_leaves_every_file_whole(tmp_path, at, sig, to, saved):
+    """SIGINT or SIGTERM, to the process or its group (loader workers alive), while it starts, writes a
+    checkpoint (which is finished first) or trains: exit 130, no traceback, no temporary file, and the
+    line that names the newest checkpoint, which reads back verified, and the command that goes on."""
+    run = tmp_path / "run"
+    flags = [*TINY, "--workers", "2", "--epochs", "2", "--output-dir", str(run)]
+    stopped = train_script(tmp_path, *flags, signal_at={"step": 6}.get(at, 1), sig=sig, to=to, at=at)
+    assert stopped.returncode == 130 and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    if saved is None:
+        again = f"python train.py {shlex.join(flags)}"
+        assert last == f"train.py: interrupted before its first checkpoint. Start again: {again}"
+        assert not run.exists()
+        return
+    go_on = f"python train.py --resume auto --output-dir {run}"
+    assert last == f"train.py: interrupted; {run / saved} holds epoch 1. Go on: {go_on}"
+    assert checkpoint.read(run / saved)["epoch"] == 0 and not list(run.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("lone", ["checkpoint.pt", "best.pt", "metrics.jsonl"])
@@ -321,3 +353,71 @@ def test_the_interrupt_line_of_processes_started_without_torchrun(tmp_path, monk
     assert "Start again: torchrun --nproc_per_node=2 train.py --epochs 1" in train.interrupted(
         tmp_path, ["--epochs", "1"], 2
     )
+
+
+def flipped(path: Path, offset: int, to: Path):
+    """A copy of path with one bit flipped at offset."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    to.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused_in_one_line_that_names_the_other(tmp_path):
+    """One bit flipped in the middle of any member of the file (its weights, optimizer state, pickled
+    fields, torch's own records): resume and evaluation refuse it in one line that names it and the run's
+    other checkpoint; resumed from that other one, the run goes on and writes a whole file over it."""
+    run_train(tmp_path, "--epochs", "1")
+    run, good = tmp_path / "run", (tmp_path / "run/checkpoint.pt").read_bytes()
+    with zipfile.ZipFile(run / "checkpoint.pt") as z:  # each member's data: after its local header's names
+        header = lambda m: struct.unpack("<HH", good[m.header_offset + 26 : m.header_offset + 30])  # noqa: E731
+        members = [(m.header_offset + 30 + sum(header(m)), m.file_size) for m in z.infolist()]
+    assert len(members) > 5
+    for start, size in members:
+        if size == 0:
+            continue
+        (run / "checkpoint.pt").write_bytes(good)
+        flipped(run / "checkpoint.pt", start + size // 2, run / "checkpoint.pt")
+        for command in (["--resume", "auto", "--epochs", "2"], ["--eval-only", "--resume", "auto"]):
+            with pytest.raises(SystemExit) as refused:
+                run_train(tmp_path, *command)
+            assert re.fullmatch(
+                rf"train.py: error: {run}/checkpoint.pt is damaged: .*fall back to the run's other one: "
+                rf"--resume {run}/best.pt",
+                str(refused.value.code),
+            ), refused.value.code
+    train.main(["--resume", str(run / "best.pt"), "--epochs", "2"])
+    assert checkpoint.read(run / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("args", "without lr"),
+        ("epoch", "1"),
+        ("model", None),
+        ("args", None),
+        ("data", None),
+        ("optimizer", {}),
+        ("history", [{"epoch": 1}]),
+        ("model_config", {"dim": 8}),
+    ],
+)
+def test_a_checkpoint_with_a_field_missing_or_of_another_kind_is_refused_in_one_line(tmp_path, field, value):
+    """A hand-edited or damaged checkpoint whose bytes are whole: resume and evaluation say which field is
+    wrong, in one line, and write nothing."""
+    run_train(tmp_path, "--epochs", "1")
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    if value == "without lr":
+        value = {k: v for k, v in ckpt["args"].items() if k != "lr"}
+    torch.save(ckpt | {field: value}, tmp_path / "edited.pt")
+    before = snapshot(tmp_path / "run")
+    for command in (
+        ["--resume", str(tmp_path / "edited.pt"), "--epochs", "2"],
+        ["--eval-only", "--resume", str(tmp_path / "edited.pt")],
+    ):
+        with pytest.raises(SystemExit) as refused:
+            train.main(command)
+        message = str(refused.value.code)
+        assert message.startswith(f"train.py: error: {tmp_path}/edited.pt") and "\n" not in message
+        assert (field if field != "args" or value is None else "--lr") in message, message
+    assert snapshot(tmp_path / "run") == before

@@ -308,3 +308,11 @@ def test_the_benchmark_times_swin_beside_timms():
     ]
     assert rows["timm Swin (gap)"]["params"] == rows["mpvg.py default (gap)"]["params"] - 64 * 8  # no APE
     assert all(r.get("mfu") is None for r in rows.values())
+
+
+@pytest.mark.parametrize("rows", ["foo", "mpvg", "mpvg:gap,rope:gap", "mpvg:mean", ""])
+def test_benchmark_rows_that_are_no_mode_and_pooling_are_one_line(capsys, rows):
+    with pytest.raises(SystemExit) as refused:
+        benchmark.main(["--rows", rows])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and "is no PE mode:pooling" in err, err
