@@ -6,15 +6,17 @@
     python train.py --resume auto --output-dir runs/default            # go on where a run stopped
     python train.py --eval-only --resume runs/default/best.pt          # top-1 / top-5 of a checkpoint
 
-The story, top to bottom: the flags (a resume's from its checkpoint); the processes; the data; the model,
-its weights and their EMA; an evaluation, or the optimiser and the epochs, each saved whole. What every
-program needs lives in training/: flags.py (every flag and recipe value: --help), data.py, engine.py (the
-step, the epoch, the evaluation), checkpoint.py (saving, reading, resuming, interrupts).
+run() tells the story: the flags (a resume's from its checkpoint); the processes; the data; the model, its
+weights and their EMA; an evaluation, or the optimiser and the epochs, each saved whole. Each part it calls
+is defined above it. What every program needs lives in training/: flags.py (every flag and recipe value:
+--help), data.py, engine.py (the step, the epoch, the evaluation), checkpoint.py (saving, reading,
+resuming, interrupts).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
@@ -40,41 +42,20 @@ TIMEOUT = timedelta(minutes=5)  # the longest a process waits for another: a hun
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
 
 
-def main(argv=None):
-    """Run train.py's command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it
-    with exit 130 and one line that says what is saved and the command that goes on."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    where = {}  # the run's folder, once run() knows it: the interrupt line names its newest checkpoint
-    with checkpoint.interrupts():
-        try:
-            return run(argv, int(os.environ.get("RANK", 0)), world, where)
-        except KeyboardInterrupt:
-            if MASTER:
-                print(f"\ntrain.py: {interrupted(where.get('out'), argv, world)}", file=sys.stderr)
-            raise SystemExit(130) from None
-        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            lower = f"{go_on(where['out'], world)} --lr LOWER"
-            fail(f"{e}; stopped before saving it. Go on from the last checkpoint with a lower lr: {lower}")
-        except UserError as e:
-            fail(str(e))
-        except DataError as e:  # from a loader worker, whose traceback's last line is the error itself
-            fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
 def fail(message: str, every_rank: bool = False):
     """A user's error: one line, no traceback, from rank 0 alone unless only this rank met it."""
     raise SystemExit(f"train.py: error: {message}" if every_rank or MASTER else 1)
 
 
-def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
-    args, resumed = flags.parse(argv)
-    path, ckpt = resumed or (None, None)
-    del resumed  # run() alone holds the checkpoint, so that it is freed once applied
-    out = where["out"] = path.parent if path else Path(args.output_dir)
+def say(line: str, result=None):
+    """Print a line from rank 0 alone; return result."""
+    if MASTER:
+        print(line)
+    return result
+
+
+def join(args, world: int) -> torch.device:
+    """This process's device, and its place among torchrun's processes (none: a single process)."""
     if args.batch_size % (world * args.accum_steps):
         raise UserError(
             f"--batch-size {args.batch_size} does not split evenly over {world} process(es) x --accum-steps"
@@ -84,81 +65,25 @@ def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return device
 
+
+def load_data(args, path: Path | None, ckpt: dict | None):
+    """The model's config (the flags', or the checkpoint's), the training and validation sets, and what a
+    checkpoint records of them: their sizes and class names (which are the label ids)."""
     try:
-        saved_config = dict(ckpt["model_config"]) if ckpt else {}
-        cfg = models.config(saved_config.pop("model"), **saved_config) if ckpt else model_config(args)
+        saved = dict(ckpt["model_config"]) if ckpt else {}
+        cfg = models.config(saved.pop("model"), **saved) if ckpt else model_config(args)
     except (TypeError, ValueError) as e:  # a checkpoint of another mpvg.py
         raise UserError(f"{path}'s model_config does not fit this mpvg.py ({e})") from None
     train_set, val_set = build_datasets(args, cfg.img_size)
-    data = dict(train=len(train_set), val=len(val_set), classes=list(train_set.classes))  # names: label ids
+    data = dict(train=len(train_set), val=len(val_set), classes=list(train_set.classes))
     compared = ["classes"] if args.eval_only else list(data)  # an evaluation may take another split
     if ckpt and (differ := [k for k in compared if ckpt["data"][k] != data[k]]):
         raise UserError(
             f"the data's {' and '.join(differ)} differ from the checkpoint's: use the data it trained on"
         )
-    cfg = replace(cfg, num_classes=len(data["classes"]))
-    model, ema = build_model(args, cfg, path, ckpt, device)
-    batch = args.batch_size // (world * args.accum_steps)  # each process's, each micro-batch's
-    train_loader, val_loader = make_loaders(
-        args, train_set, val_set, cfg.img_size, batch, device, rank, world
-    )
-    compiled = compile_model(model, args.compile)
-    static = batch if args.compile else None  # one shape for the compiled graph
-    judged = ema.module if args.eval_ema else compiled  # what evaluation, and so best.pt, reads
-    if args.eval_only:
-        metrics = evaluate(judged, val_loader, device, static)
-        if MASTER:
-            print(f"{path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    if len(train_loader) < args.accum_steps:
-        raise UserError(
-            f"{len(train_loader.sampler)} training images a process make no step: lower --batch-size"
-        )
-    optimizer, start, history = build_optimizer(model, args, device), 0, []
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, history = ckpt["epoch"] + 1, ckpt["history"]
-        del ckpt  # applied: its weights and optimizer state are not held for the rest of the run
-        if start >= args.epochs:
-            raise UserError(
-                f"nothing to train: the checkpoint holds epoch {start} of --epochs {args.epochs}; give more"
-            )
-    if MASTER:
-        claim(out, resuming=start > 0)
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {world} process(es) on "
-            f"{device.type}, {len(train_set)} training images; chance: {chance(train_set, val_set):.2f}%"
-        )
-    state = dict(model=model, ema=ema, optimizer=optimizer, history=history, data=data, cfg=cfg)
-    ddp = (
-        DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else compiled
-    )
-    mixing = Mixing(args.mixup, args.cutmix, cfg.num_classes) if args.mixup > 0 or args.cutmix > 0 else None
-    for epoch in range(start, args.epochs):
-        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout, drop path, Mixup: no RNG state to keep
-        train_loader.sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(epoch, args) * group["lr_scale"]
-        begin = time.perf_counter()
-        train_loss, rate = train_one_epoch(
-            ddp, train_loader, optimizer, mixing, ema, args, epoch, device, world
-        )
-        metrics = dict(epoch=epoch + 1, train_loss=train_loss) | evaluate(judged, val_loader, device, static)
-        if not torch.isfinite(torch.tensor(train_loss + metrics["val_loss"])):
-            raise FloatingPointError(
-                f"the loss became {train_loss + metrics['val_loss']} in epoch {epoch + 1}"
-            )
-        metrics.update(lr=lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
-        if MASTER:
-            save(args, state, epoch, metrics, out)
-            print("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    best = max(history, key=lambda m: m["val_top1"])
-    if MASTER:
-        print(f"best val_top1 {best['val_top1']:.2f} at epoch {best['epoch']}: {out}/best.pt")
-    return best
+    return replace(cfg, num_classes=len(data["classes"])), train_set, val_set, data
 
 
 def build_model(args, cfg, path: Path | None, ckpt: dict | None, device):
@@ -237,6 +162,92 @@ def interrupted(out: Path | None, argv: list[str], world: int) -> str:
     if not (found := out and checkpoint.newest(out)):
         return f"interrupted before its first checkpoint. Start again: {command(world, argv)}"
     return f"interrupted; {found[0]} holds epoch {found[1] + 1}. Go on: {go_on(out, world)}"
+
+
+def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
+    args, resumed = flags.parse(argv)
+    path, ckpt = resumed or (None, None)
+    del resumed  # run() alone holds the checkpoint, so that it is freed once applied
+    out = where["out"] = path.parent if path else Path(args.output_dir)
+    device = join(args, world)
+    cfg, train_set, val_set, data = load_data(args, path, ckpt)
+    model, ema = build_model(args, cfg, path, ckpt, device)
+    batch = args.batch_size // (world * args.accum_steps)  # each process's, each micro-batch's
+    loaders = make_loaders(args, train_set, val_set, cfg.img_size, batch, device, rank, world)
+    train_loader, val_loader = loaders
+    compiled = compile_model(model, args.compile)
+    static = batch if args.compile else None  # one shape for the compiled graph
+    judged = ema.module if args.eval_ema else compiled  # what evaluation, and so best.pt, reads
+    if args.eval_only:
+        metrics = evaluate(judged, val_loader, device, static)
+        return say(f"{path}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()), metrics)
+
+    if len(train_loader) < args.accum_steps:
+        raise UserError(
+            f"{len(train_loader.sampler)} training images a process make no step: lower --batch-size"
+        )
+    optimizer, start, history = build_optimizer(model, args, device), 0, []
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history = ckpt["epoch"] + 1, ckpt["history"]
+        del ckpt  # applied: its weights and optimizer state are not held for the rest of the run
+        if start >= args.epochs:
+            raise UserError(
+                f"nothing to train: the checkpoint holds epoch {start} of --epochs {args.epochs}; give more"
+            )
+    if MASTER:
+        claim(out, resuming=start > 0)
+    params, chance_top1 = sum(p.numel() for p in model.parameters()), chance(train_set, val_set)
+    say(
+        f"{args.recipe} recipe, {cfg.pe} ({cfg.pool}), {params:,} parameters, {world} process(es) on "
+        f"{device.type}, {len(train_set)} training images; chance: {chance_top1:.2f}%"
+    )
+    state = dict(model=model, ema=ema, optimizer=optimizer, history=history, data=data, cfg=cfg)
+    ddp = (
+        DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else compiled
+    )
+    mixing = Mixing(args.mixup, args.cutmix, cfg.num_classes) if args.mixup > 0 or args.cutmix > 0 else None
+    for epoch in range(start, args.epochs):
+        torch.manual_seed(seed_of(args.seed, epoch, rank))  # dropout, drop path, Mixup: no RNG state to keep
+        train_loader.sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, args) * group["lr_scale"]
+        begin = time.perf_counter()
+        loss, rate = train_one_epoch(ddp, train_loader, optimizer, mixing, ema, args, epoch, device, world)
+        metrics = dict(epoch=epoch + 1, train_loss=loss) | evaluate(judged, val_loader, device, static)
+        if not math.isfinite(loss := loss + metrics["val_loss"]):
+            raise FloatingPointError(f"the loss became {loss} in epoch {epoch + 1}")
+        metrics.update(lr=lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
+        if MASTER:
+            save(args, state, epoch, metrics, out)
+        say("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    best = max(history, key=lambda m: m["val_top1"])
+    return say(f"best val_top1 {best['val_top1']:.2f} at epoch {best['epoch']}: {out}/best.pt", best)
+
+
+def main(argv=None):
+    """Run train.py's command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it
+    with exit 130 and one line that says what is saved and the command that goes on."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    where = {}  # the run's folder, once run() knows it: the interrupt line names its newest checkpoint
+    with checkpoint.interrupts():
+        try:
+            return run(argv, int(os.environ.get("RANK", 0)), world, where)
+        except KeyboardInterrupt:
+            if MASTER:
+                print(f"\ntrain.py: {interrupted(where.get('out'), argv, world)}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
+            lower = f"{go_on(where['out'], world)} --lr LOWER"
+            fail(f"{e}; stopped before saving it. Go on from the last checkpoint with a lower lr: {lower}")
+        except UserError as e:
+            fail(str(e))
+        except DataError as e:  # from a loader worker, whose traceback's last line is the error itself
+            fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -139,6 +139,34 @@ def test_finetune_gives_a_new_head_and_a_resized_pe_in_every_mode(tmp_path, mode
         run_train(tmp_path, *pre_best, "--dim", "48", "--epochs", "1", name="x")
 
 
+def test_finetune_across_the_zoo_resizes_each_position_table_and_head_and_names_the_rest(tmp_path, capsys):
+    """Swin onto another resolution and class count: absolute_pos_embed resized to the new grid, head.fc
+    new, every other weight carried; a ViT into Swin: what fits (the patch embedding) is loaded and the
+    rest named; through train.py, one line says so."""
+    swin = dict(patch_size=2, dim=8, heads=1, window=4)
+    pre = models.create_model("swin_tiny", img_size=16, num_classes=16, **swin)
+    fine = models.create_model("swin_tiny", img_size=32, num_classes=3, **swin)
+    assert load_pretrained(fine, dict(model=pre.state_dict())) == ["a new head for 3 classes"]
+    before, after = pre.state_dict(), fine.state_dict()
+    table = resize_pos_embed(before["absolute_pos_embed"], 16)
+    torch.testing.assert_close(after.pop("absolute_pos_embed"), table)
+    assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("head."))
+    vit = models.create_model("deit_tiny", img_size=16, patch_size=2, dim=8, heads=1, depth=2, num_classes=16)
+    notes = load_pretrained(fine, dict(model=vit.state_dict()))
+    assert notes[0].startswith("new: ") and notes[1].startswith("not used: pos_embed, blocks.0.")
+    assert torch.equal(fine.patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    torch.save(dict(model=vit.state_dict()), tmp_path / "vit.pt")
+    write_image_folder(tmp_path / "data")
+    flags = "--data imagenet --model swin_tiny --img-size 32 --patch-size 2 --dim 8 --heads 1 --window 4"
+    flags = [
+        *flags.split(),
+        *"--batch-size 8 --workers 0 --epochs 1 --data-path".split(),
+        str(tmp_path / "data"),
+    ]
+    train.main([*flags, "--finetune", str(tmp_path / "vit.pt"), "--output-dir", str(tmp_path / "run")])
+    assert f"--finetune {tmp_path / 'vit.pt'}: loaded; new: " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("layout", ["timm", "deit", "deit3"])
 def test_finetune_from_a_timm_or_deit_checkpoint(tmp_path, layout):
     """timm's DeiT weights (timm saves the weights alone, DeiT's releases them under "model") into an MPVG

@@ -1,12 +1,14 @@
-"""Weights of one model into another of a different resolution or class count, as DeiT's --finetune does,
-for every PE mode: each mode derives its layer-wise and Last-LN PE from pos_embed, so one resize serves all.
-"""
+"""Weights of one model into another, as DeiT's --finetune does: another resolution, class count or
+architecture. Every PE mode derives its layer-wise and Last-LN PE from the one position table, so one
+resize serves all; each architecture's own table (pos_embed, Swin's absolute_pos_embed) is resized."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+POSITION_TABLES = ("pos_embed", "absolute_pos_embed")  # ViT's, CeiT's and T2T-ViT's; Swin's
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -20,39 +22,49 @@ def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return rearrange(patches, "1 d h w -> 1 (h w) d").to(pos.dtype)
 
 
+def fit_position_table(theirs: torch.Tensor, own: torch.Tensor, grid: int) -> torch.Tensor:
+    """Their table's patch rows resized to this model's grid; a class slot (told by the rows beyond a
+    square: a class or distillation slot, or none) kept, added from this model's own, or dropped."""
+    extra = theirs.shape[1] - math.isqrt(theirs.shape[1]) ** 2
+    slot = own.shape[1] - grid * grid  # this model's: 1 with a class token, else 0
+    kept = theirs[:, :slot] if extra >= slot else own[:, :slot]
+    return torch.cat([kept, resize_pos_embed(theirs[:, extra:], grid)], dim=1)
+
+
 def load_pretrained(model, checkpoint: dict) -> list[str]:
     """A checkpoint's weights (train.py's and DeiT's under "model", timm's the weights alone) into a model
-    of another class count or resolution: the head stays new when its shape differs, pos_embed is resized
-    to this model's grid (a class slot, told by its rows, kept, added or dropped), and weights that only
-    one side has are named in the notes returned. Weights that do not fit: ValueError, in one line."""
+    of any size, class count or architecture: each weight of the same name and shape is loaded, the
+    position table resized to this model's grid, a head of another class count left new; the notes
+    returned name what was done and what was not loaded. Nothing that fits: ValueError, in one line."""
     state, notes = checkpoint.get("model", checkpoint), []
     if (checkpoint.get("args") or {}).get("eval_ema"):  # a train.py run judged by its EMA: those weights
         state = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
         notes.append("the EMA weights")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("holds no weights: a dict of tensors, alone or under 'model'")
-    own = model.state_dict()
+    own, trained = model.state_dict(), {n for n, p in model.named_parameters() if p.requires_grad}
     if not set(state) & set(own):
         raise ValueError(f"holds none of this model's weights (it has {', '.join(sorted(state)[:3])}, ...)")
-    if "pos_embed" in state and "pos_embed" in own:
-        pos, grid = state["pos_embed"], model.cfg.img_size // model.cfg.patch_size
-        extra = pos.shape[1] - math.isqrt(pos.shape[1]) ** 2  # a class slot, DeiT's distillation one, none
-        patches = resize_pos_embed(pos[:, extra:], grid)
-        if model.cls_token is not None:  # the class slot: the checkpoint's, else this model's own
-            patches = torch.cat([pos[:, :1] if extra else own["pos_embed"][:, :1], patches], dim=1)
-        state = {**state, "pos_embed": patches}
-    if "head.weight" in state and state["head.weight"].shape != own["head.weight"].shape:
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    grid, state = model.cfg.img_size // model.cfg.patch_size, dict(state)
+    for name in POSITION_TABLES:  # a table that is not trained (T2T-ViT's sinusoid) is the model's own
+        if name in state and name in own and name in trained and state[name].shape[-1] == own[name].shape[-1]:
+            state[name] = fit_position_table(state[name], own[name], grid)
+    heads = [k for k in own if k.startswith("head.")]  # head.weight, or Swin's head.fc.weight
+    if any(k in state and state[k].shape != own[k].shape for k in heads):
+        state = {k: v for k, v in state.items() if k not in heads}
         notes.append(f"a new head for {model.cfg.num_classes} classes")
-    wrong = [
-        f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if wrong:
+    fits = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    if not set(fits) - set(POSITION_TABLES):
+        wrong = [
+            f"{k} {tuple(v.shape)} there, {tuple(own[k].shape)} here" for k, v in state.items() if k in own
+        ]
         raise ValueError(f"is another architecture ({'; '.join(wrong[:3])}): choose a model to match")
-    missing, _ = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    notes += [f"new: {', '.join(missing)}"] if missing else []
-    notes += [f"not used: {', '.join(k for k in state if k not in own)}"] if set(state) - set(own) else []
-    return notes
+    model.load_state_dict(fits, strict=False)
+    new, unused = [k for k in own if k not in fits and k not in heads], [k for k in state if k not in fits]
+    return notes + [
+        f"{what}: {listed(names)}" for what, names in (("new", new), ("not used", unused)) if names
+    ]
+
+
+def listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
