@@ -28,7 +28,7 @@ from conftest import (
 )
 
 import train
-from training import checkpoint
+from training import checkpoint, engine
 
 # 64 images in batches of 16: 4 optimizer steps an epoch. Step 6 is the middle of the second epoch.
 
@@ -295,7 +295,7 @@ def test_the_resumed_checkpoint_is_freed_once_applied(tmp_path, monkeypatch):
     """The checkpoint's weights (and optimizer state: a DeiT-B's is about 1 GB) are not held while the
     resumed run trains."""
     run_train(tmp_path, "--epochs", "1")
-    load, train_one_epoch, loaded, alive = checkpoint.read, train.train_one_epoch, [], []
+    load, train_one_epoch, loaded, alive = checkpoint.read, engine.train_one_epoch, [], []
 
     def remembered(*args, **kwargs):
         ckpt = load(*args, **kwargs)
@@ -308,7 +308,7 @@ def test_the_resumed_checkpoint_is_freed_once_applied(tmp_path, monkeypatch):
         return train_one_epoch(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "read", remembered)
-    monkeypatch.setattr(train, "train_one_epoch", watched)
+    monkeypatch.setattr(engine, "train_one_epoch", watched)
     run_train(tmp_path, "--epochs", "2", "--resume", "auto")
     assert alive == [False]
 

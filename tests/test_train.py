@@ -143,17 +143,17 @@ def test_finetune_across_the_zoo_resizes_each_position_table_and_head_and_names_
     """Swin onto another resolution and class count: absolute_pos_embed resized to the new grid, head.fc
     new, every other weight carried; a ViT into Swin: what fits (the patch embedding) is loaded and the
     rest named; through train.py, one line says so."""
-    swin = dict(patch_size=2, dim=8, heads=1, window=4)
-    pre = models.create_model("swin_tiny", img_size=16, num_classes=16, **swin)
-    fine = models.create_model("swin_tiny", img_size=32, num_classes=3, **swin)
+    swin = dict(patch_size=2, dim=8, heads=1, window=2)  # every stage's window 2 at either size
+    pre = models.create_model("swin_tiny", img_size=32, num_classes=16, **swin)
+    fine = models.create_model("swin_tiny", img_size=64, num_classes=3, **swin)
     assert load_pretrained(fine, dict(model=pre.state_dict())) == ["a new head for 3 classes"]
     before, after = pre.state_dict(), fine.state_dict()
-    table = resize_pos_embed(before["absolute_pos_embed"], 16)
+    table = resize_pos_embed(before["absolute_pos_embed"], 32)
     torch.testing.assert_close(after.pop("absolute_pos_embed"), table)
     assert all(torch.equal(after[k], before[k]) for k in after if not k.startswith("head."))
-    vit = models.create_model("deit_tiny", img_size=16, patch_size=2, dim=8, heads=1, depth=2, num_classes=16)
+    vit = models.create_model("deit_tiny", img_size=32, patch_size=2, dim=8, heads=1, depth=2, num_classes=16)
     notes = load_pretrained(fine, dict(model=vit.state_dict()))
-    assert notes[0].startswith("new: ") and notes[1].startswith("not used: pos_embed, blocks.0.")
+    assert notes[0].startswith("new: ") and notes[1].startswith("not used: cls_token, pos_embed, blocks.0.")
     assert torch.equal(fine.patch_embed.proj.weight, vit.patch_embed.proj.weight)
     torch.save(dict(model=vit.state_dict()), tmp_path / "vit.pt")
     write_image_folder(tmp_path / "data")

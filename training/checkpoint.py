@@ -4,10 +4,13 @@ resume: which checkpoint goes on, and which flags a resumed run may be given ane
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import tempfile
 import zipfile
 from contextlib import contextmanager, suppress
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -196,3 +199,34 @@ def resume(given: dict, out: Path) -> tuple[Path, dict] | None:
                 f"{other} holds a newer epoch than {path}, which a resume would write over: resume from it"
             )
     return path, ckpt
+
+
+def claim(out: Path, resuming: bool):
+    """The run's folder, made and seen to be writable before any training; a new run takes no folder that
+    holds a run's files."""
+    if not resuming and any((out / name).exists() for name in (*NAMES, "metrics.jsonl")):
+        raise UserError(
+            f"{out} holds a run's files: continue it with --resume auto, or choose another --output-dir"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UserError(
+            f"cannot write into --output-dir {out} ({e.strerror}): choose a folder you can write"
+        ) from None
+
+
+def save_epoch(out: Path, args, state: dict, epoch: int, metrics: dict):
+    """The epoch's checkpoint (and best.pt, if its top-1 is the best yet: first, so that checkpoint.pt never
+    names a best epoch whose file is not there), then metrics.jsonl, each written whole."""
+    history = state["history"]
+    is_best = metrics["val_top1"] > max((m["val_top1"] for m in history), default=-1.0)
+    history.append(metrics)
+    model, ema, optimizer, cfg = state["model"], state["ema"], state["optimizer"], state["cfg"]
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=state["data"])
+    ckpt |= dict(ema=ema.state_dict() if ema else None, args=vars(args), history=history)
+    ckpt |= dict(model_config=dict(model=args.model, **asdict(cfg)))
+    for name in ("best.pt", "checkpoint.pt") if is_best else ("checkpoint.pt",):
+        save(out / name, ckpt)
+    save(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())

@@ -164,10 +164,30 @@ def make_loaders(args, train_set, val_set, img_size: int, batch: int, device, ra
             )
         if args.train_crop != "resized":
             raise UserError("--device-data crops as RandomResizedCrop only: use --device-data off")
-        return device_data.loaders(args, train_set, val_set, sampler, shard, img_size, batch, val_tf, device)
-    seeds = torch.Generator().manual_seed(args.seed)  # the workers' own, not drawn from the global RNG
-    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, generator=seeds)
-    kw |= dict(prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
-    train = Augmented(train_set, train_tf, args.seed)
-    train = DataLoader(train, batch, sampler=sampler, drop_last=True, **kw)
-    return train, DataLoader(Subset(Augmented(val_set, val_tf, args.seed), shard), batch, **kw)
+        loaders = device_data.loaders(
+            args, train_set, val_set, sampler, shard, img_size, batch, val_tf, device
+        )
+    else:
+        seeds = torch.Generator().manual_seed(args.seed)  # the workers' own, not drawn from the global RNG
+        kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, generator=seeds)
+        kw |= dict(prefetch_factor=4 if args.workers else None, pin_memory=device.type == "cuda")
+        train = DataLoader(
+            Augmented(train_set, train_tf, args.seed), batch, sampler=sampler, drop_last=True, **kw
+        )
+        loaders = train, DataLoader(Subset(Augmented(val_set, val_tf, args.seed), shard), batch, **kw)
+    if len(loaders[0]) < args.accum_steps and not args.eval_only:
+        raise UserError(f"{len(sampler)} training images a process make no step: lower --batch-size")
+    return loaders
+
+
+def load(args, img_size: int, ckpt: dict | None):
+    """The training and validation sets, and what a checkpoint records of them: their sizes and class names
+    (which are the label ids), refused in one line where they differ from the resumed checkpoint's."""
+    train_set, val_set = build_datasets(args, img_size)
+    data = dict(train=len(train_set), val=len(val_set), classes=list(train_set.classes))
+    compared = ["classes"] if args.eval_only else list(data)  # an evaluation may take another split
+    if ckpt and (differ := [k for k in compared if ckpt["data"][k] != data[k]]):
+        raise UserError(
+            f"the data's {' and '.join(differ)} differ from the checkpoint's: use the data it trained on"
+        )
+    return train_set, val_set, data

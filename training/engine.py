@@ -8,26 +8,82 @@ import itertools
 import math
 import os
 import time
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import models
 from mpvg import Config
-from training import UserError
+from training import UserError, checkpoint, say
 from training.checkpoint import MODEL_FLAGS
+from training.finetune import load_pretrained
+
+TIMEOUT = timedelta(minutes=5)  # the longest a process waits for another: a hung one, or rank 0's save
 
 
-def model_config(args) -> Config:
-    """The model the flags ask for: the preset, its knobs set by --pe, then the model flags given."""
+def join(args, world: int) -> torch.device:
+    """This process's device, and its place among torchrun's processes (none: a single process)."""
+    if args.batch_size % (world * args.accum_steps):
+        raise UserError(
+            f"--batch-size {args.batch_size} does not split evenly over {world} process(es) x --accum-steps"
+        )
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+    return device
+
+
+def model_config(args, resumed: tuple[Path, dict] | None = None) -> Config:
+    """The model the flags ask for (the preset, its knobs set by --pe, then the model flags given), or
+    the one a resumed checkpoint recorded."""
+    if resumed:
+        path, saved = resumed[0], dict(resumed[1]["model_config"])
+        try:
+            return models.config(saved.pop("model"), **saved)
+        except (TypeError, ValueError) as e:  # a checkpoint of another mpvg.py
+            raise UserError(f"{path}'s model_config does not fit this mpvg.py ({e})") from None
     knobs = dict(pe=args.pe, drop_path=args.drop_path, attn_drop=args.attn_drop)
     knobs |= {k: getattr(args, k) for k in MODEL_FLAGS if hasattr(args, k)}  # the model flags given
     try:
         return models.config(args.model, **knobs)
     except ValueError as e:  # the architecture's own checks, said in one line as for any flag
         raise UserError(str(e)) from None
+
+
+def build_model(args, cfg, path: Path | None, ckpt: dict | None, device):
+    """The model with its first weights: the checkpoint's, --finetune's, or new (the same in every
+    process); and the EMA of --model-ema, timm's ModelEmaV2 (BatchNorm's buffers averaged too)."""
+    torch.manual_seed(args.seed)
+    model = models.ARCHITECTURES[args.model][0](cfg).to(device)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:  # weights that do not fit their own config: a damaged or hand-edited file
+            raise UserError(
+                f"{path}'s weights do not fit its model_config ({str(e).strip().splitlines()[-1]})"
+            ) from None
+    elif args.finetune:
+        try:
+            notes = load_pretrained(model, checkpoint.read(args.finetune, of_a_run=False))
+        except ValueError as e:  # weights of another model
+            raise UserError(f"--finetune {args.finetune} {e}") from None
+        say(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
+    if args.eval_ema and not args.model_ema:
+        raise UserError("--eval-ema evaluates the EMA of --model-ema: give its decay too")
+    if not args.model_ema or (args.eval_only and not args.eval_ema):
+        return model, None
+    if ckpt and ckpt["ema"] is None:
+        raise UserError(f"{path} holds no EMA of the weights: drop --model-ema and --eval-ema")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.model_ema), use_buffers=True)
+    ema.load_state_dict(ckpt["ema"]) if ckpt else ema.update_parameters(model)
+    return model, ema
 
 
 def build_optimizer(model, args, device: torch.device):

@@ -186,6 +186,10 @@ def parse(argv=None) -> tuple[argparse.Namespace, tuple[Path, dict] | None]:
             raise UserError(
                 f"{resumed[0]}'s flags lack --{sorted(missing)[0].replace('_', '-')}: a hand-edited file"
             )
+        if not args.eval_only and (done := resumed[1]["epoch"] + 1) >= args.epochs:
+            raise UserError(
+                f"nothing to train: the checkpoint holds epoch {done} of --epochs {args.epochs}; give more"
+            )
         return args, resumed
     if given.get("eval_only"):
         raise UserError(
