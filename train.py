@@ -95,7 +95,7 @@ def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
         torch.manual_seed(data.seed_of(args.seed, epoch, rank))  # dropout, drop path, Mixup: no RNG to keep
         train_loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
-            group["lr"] = engine.lr_at(epoch, args) * group["lr_scale"]
+            group["lr"] = engine.lr_at(epoch, args, group["lr_scale"])
         begin = time.perf_counter()
         loss, rate = engine.train_one_epoch(
             ddp, train_loader, optimizer, mixing, ema, args, epoch, device, world

@@ -104,17 +104,23 @@ def build_optimizer(model, args, device: torch.device):
     return torch.optim.AdamW(groups, lr=lr_at(0, args), eps=1e-8, fused=device.type == "cuda")
 
 
-def lr_at(epoch: int, args) -> float:
+def lr_at(epoch: int, args, scale: float = 1.0) -> float:
     """timm's per-epoch cosine schedule, as DeiT and Compact Transformers use it: linear warmup from
-    warmup_lr, cosine from the peak to min_lr over epochs - cooldown_epochs, then min_lr. The peak is
-    --lr, scaled by batch / --lr-batch-scale unless that is 0 (DeiT: 5e-4 x batch / 512)."""
-    peak = args.lr * (args.batch_size / args.lr_batch_scale if args.lr_batch_scale else 1)
-    cosine_epochs = args.epochs - args.cooldown_epochs
+    warmup_lr, cosine from the peak to min_lr over epochs - cooldown_epochs (or, with --warmup-prefix as
+    Swin's, over the epochs after the warmup), then min_lr. The peak is --lr, scaled by batch /
+    --lr-batch-scale unless that is 0 (DeiT: 5e-4 x batch / 512), and by a parameter group's `scale`;
+    warmup_lr and min_lr hold for every group alike, as in timm's schedulers and torch's
+    CosineAnnealingLR(eta_min) (T2T-ViT's transfer: the head 0.05 and the backbone 5e-4 both to 2e-4)."""
+    peak = scale * args.lr * (args.batch_size / args.lr_batch_scale if args.lr_batch_scale else 1)
+    start = args.warmup_epochs if args.warmup_prefix else 0  # the cosine's first epoch
+    cosine_epochs = args.epochs - args.cooldown_epochs - start
     if epoch < args.warmup_epochs:
         return args.warmup_lr + epoch * (peak - args.warmup_lr) / args.warmup_epochs
-    if epoch >= cosine_epochs:
+    if epoch - start >= cosine_epochs:
         return args.min_lr
-    return args.min_lr + 0.5 * (peak - args.min_lr) * (1 + math.cos(math.pi * epoch / cosine_epochs))
+    return args.min_lr + 0.5 * (peak - args.min_lr) * (
+        1 + math.cos(math.pi * (epoch - start) / cosine_epochs)
+    )
 
 
 def compile_model(model, mode: str | None):

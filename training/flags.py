@@ -131,6 +131,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add(g, "--min-lr", "end of the cosine", type=LR_OR_0)
     add(g, "--warmup-lr", "linear warmup starts here", type=LR_OR_0)
     add(g, "--warmup-epochs", "epochs of linear warmup", type=NATURAL)
+    add(g, "--warmup-prefix", "the cosine spans the epochs after the warmup, not all from 0", type=boolean)
     add(g, "--optimizer", "sgd: momentum 0.9", choices=["adamw", "sgd"])
     add(g, "--backbone-lr", "every weight but the head's at --lr times this", type=LR)
     add(g, "--weight-decay", "never on biases and norms", type=NON_NEGATIVE)

@@ -2,9 +2,8 @@
 which recipe a data set (and a model on it) takes when --recipe is left out. docs/training.md cites each
 value; where Table 7 and an anchor differ, the anchor's value is here and the docs say so."""
 
-ADAMW = dict(
-    optimizer="adamw", backbone_lr=1.0, clip_grad=0.0, model_ema=0.0, eval_ema=False, train_crop="resized"
-)
+ADAMW = dict(optimizer="adamw", backbone_lr=1.0, clip_grad=0.0, model_ema=0.0, eval_ema=False)
+ADAMW |= dict(train_crop="resized", warmup_prefix=False)
 
 # Paper Table 7 with the anchors' values: facebookresearch/deit main.py (ImageNet) and
 # SHI-Labs/Compact-Transformers configs/datasets/cifar100.yml (CIFAR-100); for the other architectures
@@ -39,7 +38,7 @@ RECIPES = {
         min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=20, weight_decay=0.05, decay_pos_embed=False,
         drop_path=0.2, attn_drop=0.0, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug_magnitude=9, reprob=0.25,
         repeated_aug=1, crop_scale=0.08, hflip=0.5, eval_crop=0.875, interpolation="bicubic",
-        **ADAMW | dict(clip_grad=5.0),
+        **ADAMW | dict(clip_grad=5.0, warmup_prefix=True),  # config.py: WARMUP_PREFIX, the cosine after it
     ),
     "ceit": dict(
         model="ceit_tiny", epochs=300, cooldown_epochs=0, batch_size=1024, lr=5e-4, lr_batch_scale=512,
