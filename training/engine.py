@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
 import models
 from mpvg import Config
@@ -178,10 +180,15 @@ def train_step(model, optimizer, micro_batches, smoothing: float, clip: float = 
 
 def train_one_epoch(model, loader, optimizer, mixing, ema, args, epoch: int, device, world: int):
     """One epoch (the EMA, if any, updated after each step); returns its mean training loss over every
-    process, and images per second. A loss that is not finite at a progress line: FloatingPointError."""
+    process, and images per second. On a terminal a bar shows the epoch's progress and time left; a line
+    every --log-every steps, anywhere. A loss that is not finite at such a line: FloatingPointError."""
     model.train()
     loss_sum, seen, start = torch.zeros((), device=device, dtype=torch.float64), 0, time.perf_counter()
     batches, step, steps = [], 0, len(loader) // args.accum_steps
+    master = os.environ.get("RANK", "0") == "0"
+    bar = tqdm(
+        total=steps, desc=f"epoch {epoch + 1}", leave=False, disable=None if master else True
+    )  # on a terminal
     for img, target in loader:
         img, target = img.to(device, non_blocking=True), target.to(device, non_blocking=True)
         batches.append((img, target))
@@ -194,13 +201,17 @@ def train_one_epoch(model, loader, optimizer, mixing, ema, args, epoch: int, dev
         if ema:
             ema.update_parameters(model)
         loss_sum, seen, batches, step = loss_sum + loss * n, seen + n * world, [], step + 1
+        bar.update()
         if step % args.log_every == 0:  # the loop's only waits for the device
             current = all_reduce(loss.clone()).item() / world
             if not math.isfinite(current):
                 raise FloatingPointError(f"the loss became {current} in epoch {epoch + 1}, step {step}")
-            if os.environ.get("RANK", "0") == "0":
+            if master:
                 rate = seen / (time.perf_counter() - start)
-                print(f"epoch {epoch + 1} step {step}/{steps}  loss {current:.4f}  {rate:.0f} img/s")
+                bar.write(
+                    f"epoch {epoch + 1} step {step}/{steps}  loss {current:.4f}  {rate:.0f} img/s", sys.stdout
+                )
+    bar.close()
     count = torch.tensor(seen / world, device=device, dtype=torch.float64)
     total = all_reduce(torch.stack([loss_sum, count]))
     return (total[0] / total[1].clamp(min=1)).item(), seen / (time.perf_counter() - start)
