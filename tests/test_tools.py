@@ -316,3 +316,17 @@ def test_benchmark_rows_that_are_no_mode_and_pooling_are_one_line(capsys, rows):
         benchmark.main(["--rows", rows])
     err = capsys.readouterr().err
     assert refused.value.code == 2 and err.count("\n") == 1 and "is no PE mode:pooling" in err, err
+
+
+@pytest.mark.parametrize("tool", [analyze, benchmark])
+def test_the_tools_help_lists_train_pys_flags_and_checks_them(tool, capsys):
+    """Their docs say they take train.py's flags: --help lists them, and a bad value is one line."""
+    with pytest.raises(SystemExit):
+        tool.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(flag in listed for flag in ("--lr", "--pe", "--data-path", "--img-size", "--recipe"))
+    with pytest.raises(SystemExit) as refused:
+        tool.main(["--lr", "1e39"])
+    assert (
+        refused.value.code == 2 and "argument --lr: must be in (0, 10], got 1e39" in capsys.readouterr().err
+    )

@@ -268,9 +268,10 @@ def analyze(args, resumed: tuple[Path, dict] | None, ours, device) -> dict:
     return report
 
 
-def build_parser():
-    """The analysis's own flags; every other flag is train.py's."""
-    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def build_parser(train_flags: bool = True):
+    """The analysis's own flags, and (for --help and their checks) train.py's."""
+    parents = [flags.build_parser(add_help=False)] if train_flags else []
+    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, parents=parents)
     p.add_argument("--checkpoint", metavar="CKPT", help="a checkpoint of train.py [none: a new model]")
     p.add_argument("--images", type=flags.COUNT, default=64, help="validation images averaged over [64]")
     p.add_argument("--out", default="runs/analysis", help="the folder of the figures and analysis.json")
@@ -278,7 +279,8 @@ def build_parser():
 
 
 def main(argv=None):
-    ours, rest = build_parser().parse_known_args(argv)
+    build_parser().parse_args(argv)  # every flag, train.py's too, checked as --help lists them
+    ours, rest = build_parser(train_flags=False).parse_known_args(argv)
     train_flags = ["--eval-only", "--resume", ours.checkpoint] if ours.checkpoint else ["--data", "synthetic"]
     try:
         args, resumed = flags.parse([*train_flags, *rest])

@@ -213,9 +213,11 @@ def row_list(text: str) -> str:
     return text
 
 
-def parse_args(argv=None):
-    """The benchmark's own flags, and train.py's: the models, the data and the recipe."""
-    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+def build_parser(train_flags: bool = True):
+    """The benchmark's own flags, and (for --help and their checks) train.py's: the models, the data and
+    the recipe."""
+    parents = [flags.build_parser(add_help=False)] if train_flags else []
+    p = flags.Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, parents=parents)
     p.add_argument(
         "--rows",
         type=row_list,
@@ -233,7 +235,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--loader-only", action="store_true", help="time train.py's training loader alone")
     p.add_argument("--json", metavar="PATH", help="also write the rows to this file")
-    ours, rest = p.parse_known_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    build_parser().parse_args(argv)  # every flag, train.py's too, checked as --help lists them
+    ours, rest = build_parser(train_flags=False).parse_known_args(argv)
     args = flags.parse(["--data", "synthetic", "--recipe", "deit", *rest])[0]
     ours.rows = ours.rows or (SWIN_ROWS if args.model == "swin_tiny" else ROWS)
     names = [f"mpvg.py {name}" for name in configurations(args, ours.rows)]
