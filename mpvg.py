@@ -167,11 +167,11 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention, the MSA of Eqs. (2), (6) and (9)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, dim: int, heads: int, qkv_bias: bool = True, attn_drop: float = 0.0):
         super().__init__()
-        self.heads, self.attn_drop = cfg.heads, cfg.attn_drop
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.heads, self.attn_drop = heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.heads)
@@ -181,10 +181,9 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.fc1, self.fc2 = nn.Linear(cfg.dim, hidden), nn.Linear(hidden, cfg.dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -195,17 +194,20 @@ class Block(nn.Module):
 
     Every preset uses this block, as the paper's Eqs. (2)-(3) write it. Compact Transformers' own
     ViT-Lite block differs: it normalises the residual stream after attention (same parameter count).
+    models/ gives it a stage's width `dim` and window `attn` (Swin), a feed-forward by name (CeiT's `leff`).
     """
 
-    def __init__(self, cfg: Config, drop_prob: float, receives_pe: bool):
+    def __init__(self, cfg: Config, drop_prob: float, receives_pe: bool, dim: int = 0, attn=None, **mlp):
         super().__init__()
+        dim = dim or cfg.dim
         self.drop_prob = drop_prob  # this layer's stochastic depth
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # LN_l
-        self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the MLP's pre-norm, LN'_l of Eq. (3)
-        self.mlp = Mlp(cfg)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)  # LN_l
+        self.attn = attn or Attention(dim, cfg.heads, cfg.qkv_bias, cfg.attn_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)  # the MLP's pre-norm, LN'_l of Eq. (3)
+        for name, part in (mlp or dict(mlp=Mlp(dim, int(dim * cfg.mlp_ratio)))).items():
+            self.add_module(name, part)
         # LN'_l of Eqs. (6)-(7) and (9)-(10): the PE's own LayerNorm, only where the layer gets PE.
-        self.pe_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps) if receives_pe else None
+        self.pe_norm = nn.LayerNorm(dim, eps=cfg.norm_eps) if receives_pe else None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: x_l (B, N, D); pos: the PE this layer receives, already through pe_norm (1, N, D)."""
@@ -217,19 +219,19 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    block = Block  # layer l's class (CeiT's LeFF block replaces it)
+    """ViT/DeiT. Other architectures compose it (models/): `block` builds layer l, and `parts` replace the
+    stem `patch_embed`, each under its checkpoints' name (the stem still reached as `patch_embed`)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, block: type[nn.Module] = Block, **parts: nn.Module | nn.Parameter):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        for name, part in (parts or dict(patch_embed=PatchEmbed(cfg))).items():
+            setattr(self, name, part)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         # pos = pos_0: one learnable row per token, the class slot included (as in DeiT and LaPE).
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim)) if cfg.has_pos_embed else None
         rates = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()  # also under a meta device
-        self.blocks = nn.ModuleList(
-            self.block(cfg, rates[l], receives_pe=l in cfg.pe_layer_ids) for l in range(cfg.depth)
-        )
+        self.blocks = nn.ModuleList(block(cfg, rates[l], l in cfg.pe_layer_ids) for l in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # the Last LN, Eq. (4)
         # Eq. (11) writes LN(pos_0) beside LN(x_{L+1}); it gets a LayerNorm of its own, not the Last LN's:
         # Tables 1-2 count 2D more parameters for MPVG than for PVG.
@@ -273,14 +275,10 @@ class VisionTransformer(nn.Module):
             received.append(pos)
         return received
 
-    def patches(self, img: torch.Tensor) -> torch.Tensor:
-        """[p^1; ...; p^N], (B, N, D): the patch embeddings (the stem that CeiT and T2T-ViT replace)."""
-        return self.patch_embed(img)
-
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) -> x_0, the tokens entering layer 0 (B, N, D), a class token first."""
         cfg = check_images(img, self.cfg)
-        x = self.patches(img)
+        x = self.patch_embed(img)  # [p^1; ...; p^N], (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
         return x + self.pos_embed if cfg.pe_input else x  # Eq. (1)/(8): x_0; without it, Eq. (5)
@@ -292,20 +290,23 @@ class VisionTransformer(nn.Module):
         x_l entering each layer (B, N, D); `pos`, the PE each layer received (1, N, D) or None;
         `pre_norm`, x_{L+1} before the Last LN; `post_norm`, y after it (Eq. 11 included).
         """
-        cfg = self.cfg
-        x = self.embed(img)
-        pos = self.layer_pos()
-        tokens = []
+        x, pos, tokens = self.embed(img), self.layer_pos(), []
         for block, pos_l in zip(self.blocks, pos):
             tokens.append(x)
             x = block(x, pos_l)  # Eqs. (2)-(3), with (6) or (9) where pos_l is given
+        return self.last_ln(x, tokens, pos, trace)
+
+    def last_ln(self, x, tokens: list, pos: list, trace: dict | None, **traced) -> torch.Tensor:
+        """x_{L+1} -> y through the Last LN, and the trace filled (Swin's forward ends here too)."""
         y = self.norm(x)  # Eq. (4): y = LN(x_{L+1})
         if self.last_pe_norm is not None:
-            pos_k = self.pos_embed if cfg.last_pe == 0 else pos[cfg.last_pe]  # Table 5: pos_k
-            y = y + self.last_pe_norm(pos_k)  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
+            y = y + self.last_pe_norm(self.pos_k(pos))  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
         if trace is not None:
-            trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
+            trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y, **traced)
         return y
+
+    def pos_k(self, pos: list) -> torch.Tensor:  # Table 5: pos_k, the PE layer k received; pos_0 = pos
+        return self.pos_embed if self.cfg.last_pe == 0 else pos[self.cfg.last_pe]
 
     def pool(self, y: torch.Tensor) -> torch.Tensor:
         return y[:, 0] if self.cfg.pool == "cls" else y.mean(dim=1)  # class token, or GAP: (B, D)
@@ -317,17 +318,20 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(img))
 
 
-def create_model(preset: str = "deit_tiny", **overrides) -> VisionTransformer:
+def create_model(model: str = "deit_tiny", **overrides) -> VisionTransformer:
     """A model from a preset of PRESETS, with any Config field overridden, e.g. pe="mpvg"."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return VisionTransformer(Config(**{**PRESETS[preset], **overrides}))
+    if model not in PRESETS:
+        raise ValueError(
+            f"unknown model preset {model!r}: choose one of {', '.join(PRESETS)} (the paper's other models "
+            "are in models/: models.create_model, and models.load_model for their checkpoints)"
+        )
+    return VisionTransformer(Config(**{**PRESETS[model], **overrides}))
 
 
 def load_model(checkpoint, map_location="cpu") -> VisionTransformer:
     """The model of a train.py checkpoint (its path, or the loaded dict), with its weights, in eval mode."""
     if not isinstance(checkpoint, dict):
         checkpoint = torch.load(checkpoint, map_location, weights_only=True)
-    model = VisionTransformer(Config(**checkpoint["model_config"]))
+    model = create_model(**checkpoint["model_config"])  # {"model": its preset, **its Config}
     model.load_state_dict(checkpoint["model"])
     return model.eval()

@@ -666,9 +666,11 @@ def test_an_unknown_preset_and_a_wrong_image_size_are_clear_errors():
 
 
 def test_load_model_rebuilds_a_checkpoint_of_train_py():
-    """A checkpoint holds the model's weights and its resolved Config: load_model gives the same model."""
+    """A checkpoint holds the model's weights and its preset's name with its resolved Config (train.py's
+    model_config): load_model gives the same model."""
     model = randomise(create_model("vit_lite_7_4", pe="mpvg", last_pe=3, img_size=16, depth=4)).eval()
-    loaded = load_model(dict(model=model.state_dict(), model_config=asdict(model.cfg)))
+    model_config = {"model": "vit_lite_7_4", **asdict(model.cfg)}
+    loaded = load_model(dict(model=model.state_dict(), model_config=model_config))
     img = torch.randn(2, 3, 16, 16)
     assert not loaded.training and loaded.cfg == model.cfg
     torch.testing.assert_close(loaded(img), model(img), rtol=0, atol=0)

@@ -4,20 +4,33 @@ Three parts of CeiT replace their ViT counterparts: the Image-to-Tokens stem (a 
 max pool, then 4 x 4 patches), the Locally-enhanced Feed-Forward (LeFF) of each block, and the Layer-wise
 Class-token Attention (LCA) that reads every layer's class token. The knobs, the attention and the
 layer-wise PE are mpvg.py's. Under GAP each layer's token mean takes the place of its class token in LCA,
-and Eq. (11)'s LN(pos_k) reaches LCA's single output token as its mean over the tokens, which is what GAP
-over y + LN(pos_k) gives in ViT. Parameter names are the official code's, so its checkpoints load strictly.
+and Eq. (11) adds LN(pos_k) to LCA's single output token row by row, as to y in ViT, so that GAP gives the
+token plus the mean of LN(pos_k). init="cct" reads I2T's last convolution as the patch convolution.
+Parameter names are the official code's, so its checkpoints load strictly.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mpvg import Attention, Block, Config, Mlp, VisionTransformer, drop_path
+from mpvg import Attention, Block, Config, Mlp, VisionTransformer
 
 CEIT_TINY = dict(dim=192, heads=3)  # with DeiT-Ti's defaults: 12 layers, qkv bias, eps 1e-6, patch 16 in all
+
+
+@dataclass
+class CeiTConfig(Config):
+    def __post_init__(self):
+        super().__post_init__()
+        if self.patch_size % 4:
+            raise ValueError(
+                f"CeiT's stem halves the image twice before its patch convolution: give a patch_size that "
+                f"is a multiple of 4 (CeiT-Ti: 16), not {self.patch_size}"
+            )
 
 
 class Stem(nn.Module):
@@ -66,17 +79,12 @@ class LeFF(nn.Module):
 
 
 class LeFFBlock(Block):
-    """mpvg.py's block with LeFF as its feed-forward; the layer's PE enters the MSA input as there."""
+    """mpvg.py's block with LeFF as its feed-forward, `leff` in the official checkpoints."""
+
+    mlp = property(lambda self: self.leff)  # the feed-forward that Block's forward calls
 
     def __init__(self, cfg: Config, drop_prob: float, receives_pe: bool):
-        super().__init__(cfg, drop_prob, receives_pe)
-        del self.mlp
-        self.leff = LeFF(cfg)
-
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.norm1(x) if pos is None else self.norm1(x) + pos  # Eq. (6)/(9) where pos is given
-        x = x + drop_path(self.attn(h), self.drop_prob, self.training)
-        return x + drop_path(self.leff(self.norm2(x)), self.drop_prob, self.training)
+        super().__init__(cfg, drop_prob, receives_pe, leff=LeFF(cfg))
 
 
 class LastTokenAttention(Attention):
@@ -97,8 +105,10 @@ class LCA(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps), LastTokenAttention(cfg)
-        self.norm2, self.feedforward = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps), Mlp(cfg)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = LastTokenAttention(cfg.dim, cfg.heads, cfg.qkv_bias, cfg.attn_drop)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.feedforward = Mlp(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
 
     def forward(self, layers: torch.Tensor) -> torch.Tensor:
         x = layers[:, -1:] + self.attn(self.norm1(layers))
@@ -106,37 +116,17 @@ class LCA(nn.Module):
 
 
 class CeiT(VisionTransformer):
-    block = LeFFBlock
+    """mpvg.py's ViT with the I2T stem, LeFF blocks, and LCA between the last block and the Last LN."""
 
-    def __init__(self, cfg: Config):
-        if cfg.patch_size % 4:
-            raise ValueError(
-                f"CeiT's stem halves the image twice: patch_size a multiple of 4, not {cfg.patch_size}"
-            )
-        super().__init__(cfg)
-        del self.patch_embed
-        self.i2t = ImageToTokens(cfg)
-        self.lca = LCA(cfg)  # without drop path, as the official code
-        self.pos_layer_embed = nn.Parameter(torch.zeros(1, cfg.depth, cfg.dim))  # LCA's own PE, one per layer
-        self.init_weights()
+    patch_embed = property(lambda self: self.i2t)  # the stem that mpvg.py's embed and init_weights read
 
-    def patches(self, img: torch.Tensor) -> torch.Tensor:
-        return self.i2t(img)
+    def __init__(self, cfg: CeiTConfig):
+        lca = LCA(cfg)  # without drop path, as the official code
+        layer_pe = nn.Parameter(torch.zeros(1, cfg.depth, cfg.dim))  # LCA's own PE, one row per layer
+        super().__init__(cfg, LeFFBlock, i2t=ImageToTokens(cfg), lca=lca, pos_layer_embed=layer_pe)
 
-    def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) -> y, the Last LN's output (B, 1, D); trace as mpvg.py's, with `layers`,
-        the token each layer hands to LCA (B, L + 1, D)."""
-        cfg, x, pos, tokens, layers = self.cfg, self.embed(img), self.layer_pos(), [], []
-        for block, pos_l in zip(self.blocks, pos):
-            tokens.append(x)
-            x = block(x, pos_l)
-            # the layer's class token for LCA, or under GAP its token mean
-            layers.append(x[:, 0] if cfg.pool == "cls" else x.mean(dim=1))
-        lca = self.lca(torch.stack(layers, dim=1) + self.pos_layer_embed)
-        y = self.norm(lca)  # the Last LN
-        if self.last_pe_norm is not None:
-            pos_k = self.pos_embed if cfg.last_pe == 0 else pos[cfg.last_pe]  # Table 5: pos_k
-            y = y + self.last_pe_norm(pos_k).mean(dim=1, keepdim=True)  # Eq. (11), through GAP
-        if trace is not None:
-            trace.update(tokens=tokens, pos=pos, layers=torch.stack(layers, dim=1), pre_norm=lca, post_norm=y)
-        return y
+    def last_ln(self, x, tokens: list, pos: list, trace: dict | None, **traced) -> torch.Tensor:
+        """LCA, then mpvg.py's Last LN on LCA's one token (B, 1, D; N rows once Eq. (11) adds LN(pos_k));
+        `layers` in the trace: the token each layer hands to LCA, its class token or its token mean."""
+        layers = torch.stack([self.pool(x_l) for x_l in (*tokens[1:], x)], dim=1)  # x_1 .. x_{L+1}, pooled
+        return super().last_ln(self.lca(layers + self.pos_layer_embed), tokens, pos, trace, layers=layers)

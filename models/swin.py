@@ -6,7 +6,9 @@ bias. The knobs and their presets are mpvg.py's; what Swin adds is where the PE 
 each stage's patch merging carries the PE as it carries the tokens (the same module, no new parameters),
 so layer l of every stage receives its LN'_l(pos) at its own resolution and width. Eq. (11)'s pos_k is
 carried the same way to the last stage. PVG and MPVG give the PE to every block, layer 0 included, as the
-paper states for Swin. Parameter names are timm's (`swin_tiny_patch4_window7_224`) plus the absolute PE.
+paper states for Swin. The blocks are mpvg.py's, with window attention; `depth` sets the third stage, as
+Swin-T, -S, -B and -L differ there alone. Parameter names are timm's (`swin_tiny_patch4_window7_224`) plus
+the absolute PE.
 """
 
 from dataclasses import dataclass
@@ -16,30 +18,36 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mpvg import AUTO, Config, Mlp, check_images, drop_path, init_linears
+from mpvg import AUTO, Attention, Block, Config, VisionTransformer, check_images, init_linears
 
-SWIN_TINY = dict(img_size=224, patch_size=4, dim=96, depths=(2, 2, 6, 2), heads=3, norm_eps=1e-5)
+SWIN_TINY = dict(img_size=224, patch_size=4, dim=96, depth=12, heads=3, norm_eps=1e-5, pool="gap")
 
 
 @dataclass
 class SwinConfig(Config):
-    depths: tuple[int, ...] = (2, 2, 6, 2)  # blocks per stage; depth is their sum, l = 0..L across stages
     window: int = 7  # M: attention within M x M windows, shifted by M // 2 in every second block
     # dim and heads are the first stage's; each later stage halves the grid and doubles both
-    depth: int | str = AUTO
-    pool: str = "gap"  # Swin has no class token: it averages in every mode
 
     def __post_init__(self):
-        if self.depth not in (AUTO, sum(self.depths)):
-            raise ValueError(f"depth {self.depth} is not the sum of depths {self.depths}: give depths alone")
-        self.depth = sum(self.depths)
-        if self.pool != "gap":
-            raise ValueError(f"Swin has no class token: pool 'gap', not {self.pool!r}")
         if self.pe in ("pvg", "mpvg") and self.pe_layers == AUTO:
             self.pe_layers = "all"  # the paper: for Swin, PVG and MPVG "exceptionally include layer 0"
         super().__post_init__()
         grid = self.img_size // self.patch_size
         sides = [grid >> s for s in range(len(self.depths))]
+        if self.depth < 7:
+            raise ValueError(
+                f"Swin's depth counts the blocks of its four stages, 2, 2, depth - 6 and 2 (Swin-T 12, "
+                f"Swin-S and -B 24): give depth 7 or more, not {self.depth}"
+            )
+        if self.pool != "gap":
+            raise ValueError(
+                f"Swin has no class token and averages in every PE mode: pool 'gap', not {self.pool!r}"
+            )
+        if self.init != "deit":
+            raise ValueError(
+                f"init {self.init!r} is ViT-Lite's; Swin initialises as its official code (the absolute PE "
+                "and the bias tables truncated normal, std 0.02): leave init 'deit'"
+            )
         if (
             any(side % self.window and side > self.window for side in sides)
             or sides[-1] << len(sides) - 1 != grid
@@ -49,11 +57,9 @@ class SwinConfig(Config):
                 "smaller than it: choose img_size, patch_size and window to fit"
             )
 
-    def stage(self, s: int) -> Config:  # stage s's width and heads, for the modules of mpvg.py it shares
-        dim, heads = self.dim << s, self.heads << s
-        return Config(
-            dim=dim, heads=heads, mlp_ratio=self.mlp_ratio, qkv_bias=self.qkv_bias, attn_drop=self.attn_drop
-        )
+    @property
+    def depths(self) -> tuple[int, ...]:  # blocks per stage: Swin-T, -S, -B and -L differ in the third alone
+        return (2, 2, self.depth - 6, 2)
 
 
 def relative_index(window: int) -> torch.Tensor:
@@ -75,57 +81,33 @@ def shift_mask(side: int, window: int, shift: int) -> torch.Tensor:
     return torch.zeros(()).masked_fill(region[:, :, None] != region[:, None, :], float("-inf"))
 
 
-class WindowAttention(nn.Module):
-    """W-MSA: multi-head attention within each window, with a learned bias per relative offset and head."""
+class WindowAttention(Attention):
+    """(S)W-MSA: mpvg.py's multi-head attention within each M x M window of stage s's grid, with a learned
+    bias per relative offset and head; in a shifted block the grid is rolled by M // 2 around it."""
 
-    def __init__(self, cfg: Config, window: int):
-        super().__init__()
-        self.heads, self.attn_drop = cfg.heads, cfg.attn_drop
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim)
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, cfg.heads))
-        self.register_buffer("relative_position_index", relative_index(window), persistent=False)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, windows, M^2, C); mask: (windows, M^2, M^2) or None."""
-        q, k, v = rearrange(self.qkv(x), "b w n (qkv h d) -> qkv b w h n d", qkv=3, h=self.heads)
-        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
-        bias = bias if mask is None else bias + mask[:, None]  # (heads or windows x heads, M^2, M^2)
-        dropout = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
-        return self.proj(rearrange(x, "b w h n d -> b w n (h d)"))
-
-
-class SwinBlock(nn.Module):
-    """Layer l: (shifted) window attention and an MLP, pre-norm; the layer's PE joins the MSA input."""
-
-    def __init__(self, cfg: SwinConfig, s: int, shift: bool, drop_prob: float, receives_pe: bool):
-        super().__init__()
-        stage, side = cfg.stage(s), (cfg.img_size // cfg.patch_size) >> s
+    def __init__(self, cfg: SwinConfig, s: int, shifted: bool):
+        super().__init__(cfg.dim << s, cfg.heads << s, cfg.qkv_bias, cfg.attn_drop)
+        side = (cfg.img_size // cfg.patch_size) >> s
         self.window = min(cfg.window, side)  # a grid no larger than a window is one window, unshifted
-        self.shift = self.window // 2 if shift and side > cfg.window else 0
-        self.drop_prob = drop_prob
-        self.norm1 = nn.LayerNorm(stage.dim, eps=cfg.norm_eps)
-        self.attn = WindowAttention(stage, self.window)
-        self.norm2 = nn.LayerNorm(stage.dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(stage)
-        self.pe_norm = nn.LayerNorm(stage.dim, eps=cfg.norm_eps) if receives_pe else None  # LN'_l
+        self.shift = self.window // 2 if shifted and side > cfg.window else 0
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * self.window - 1) ** 2, self.heads))
+        self.register_buffer("relative_position_index", relative_index(self.window), persistent=False)
         mask = shift_mask(side, self.window, self.shift) if self.shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, H, W, C); pos: the PE this layer receives, through pe_norm, (1, H, W, C)."""
-        h = self.norm1(x) if pos is None else self.norm1(x) + pos  # Eq. (6)/(9) in a Swin block
-        h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
-        h = rearrange(h, "b (y m) (x n) c -> b (y x) (m n) c", m=self.window, n=self.window)
-        h = rearrange(
-            self.attn(h, self.attn_mask),
-            "b (y x) (m n) c -> b (y m) (x n) c",
-            y=x.shape[1] // self.window,
-            m=self.window,
-        )
-        x = x + drop_path(torch.roll(h, (self.shift, self.shift), dims=(1, 2)), self.drop_prob, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_prob, self.training)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        m, rows = self.window, x.shape[1] // self.window
+        h = torch.roll(x, (-self.shift, -self.shift), dims=(1, 2))
+        h = rearrange(h, "b (y m) (x n) c -> b (y x) (m n) c", m=m, n=m)  # the windows: (B, windows, M^2, C)
+        q, k, v = rearrange(self.qkv(h), "b w n (qkv h d) -> qkv b w h n d", qkv=3, h=self.heads)
+        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], "n m h -> h n m")
+        if self.attn_mask is not None:
+            bias = bias + self.attn_mask[:, None]  # (windows, heads, M^2, M^2)
+        dropout = self.attn_drop if self.training else 0.0
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout)
+        h = self.proj(rearrange(h, "b w h n d -> b w n (h d)"))
+        h = rearrange(h, "b (y x) (m n) c -> b (y m) (x n) c", y=rows, m=m)
+        return torch.roll(h, (self.shift, self.shift), dims=(1, 2))
 
 
 class PatchMerging(nn.Module):
@@ -141,7 +123,8 @@ class PatchMerging(nn.Module):
 
 
 class Stage(nn.Module):
-    """Stage s: a patch merging from the second stage on, then its blocks, unshifted and shifted in turn."""
+    """Stage s: a patch merging from the second stage on, then mpvg.py's blocks at the stage's width, with
+    window attention, unshifted and shifted in turn."""
 
     def __init__(self, cfg: SwinConfig, s: int, rates: list[float]):
         super().__init__()
@@ -149,8 +132,14 @@ class Stage(nn.Module):
         first = sum(cfg.depths[:s])  # the index l of the stage's first block
         self.blocks = nn.Sequential(
             *(
-                SwinBlock(cfg, s, i % 2 == 1, rates[first + i], first + i in cfg.pe_layer_ids)
-                for i in range(cfg.depths[s])
+                Block(
+                    cfg,
+                    rates[l],
+                    l in cfg.pe_layer_ids,
+                    dim=cfg.dim << s,
+                    attn=WindowAttention(cfg, s, i % 2 == 1),
+                )
+                for i, l in enumerate(range(first, first + cfg.depths[s]))
             )
         )
 
@@ -175,6 +164,8 @@ class Head(nn.Module):
 
 
 class SwinTransformer(nn.Module):
+    last_ln = VisionTransformer.last_ln  # mpvg.py's Last LN and Eq. (11), with Swin's pos_k below
+
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         self.cfg, grid = cfg, cfg.img_size // cfg.patch_size
@@ -206,8 +197,14 @@ class SwinTransformer(nn.Module):
             if p.ndim <= 1 or n == "absolute_pos_embed" or n.endswith("relative_position_bias_table")
         }
 
-    def blocks(self) -> list[tuple[int, SwinBlock]]:  # (stage, block) in the order l = 0..L
-        return [(s, block) for s, stage in enumerate(self.layers) for block in stage.blocks]
+    def merges_and_blocks(self) -> list[tuple[nn.Module, Block]]:
+        """For each layer l = 0..L, the patch merging before it (its stage's, at a stage's first block; the
+        identity elsewhere, and in the first stage) and its block."""
+        return [
+            (stage.downsample if i == 0 else nn.Identity(), block)
+            for stage in self.layers
+            for i, block in enumerate(stage.blocks)
+        ]
 
     def pos_0(self) -> torch.Tensor:  # the absolute PE on the first grid, (1, H, W, C)
         return rearrange(
@@ -218,10 +215,11 @@ class SwinTransformer(nn.Module):
         """The PE each layer receives, (1, H, W, C) at its stage, or None: mpvg.py's layer_pos, with each
         stage's patch merging carrying on to its grid what the next LN' reads: the last PE received (Eq.
         (7)/(10)), or for pe_hierarchical=False pos_0 (Table 6)."""
-        carried, received, at = self.pos_0(), [], 0
-        for s, block in self.blocks():
-            if s > at:  # a new stage: merge what is carried, as the tokens are
-                carried, at = self.layers[s].downsample(carried), s
+        if not self.cfg.pe_layer_ids:
+            return [None] * self.cfg.depth
+        carried, received = self.pos_0(), []
+        for merge, block in self.merges_and_blocks():
+            carried = merge(carried)  # merged as the tokens are
             if block.pe_norm is None:
                 received.append(None)
                 continue
@@ -229,33 +227,25 @@ class SwinTransformer(nn.Module):
             carried = pos if self.cfg.pe_hierarchical else carried
         return received
 
-    def carried(self, pos: torch.Tensor, s: int) -> torch.Tensor:
-        """A PE of stage s carried through the later stages' patch merging to the last grid."""
-        for stage in self.layers[s + 1 :]:
-            pos = stage.downsample(pos)
-        return pos
+    def pos_k(self, pos: list) -> torch.Tensor:
+        """Table 5's pos_k carried through the later stages' patch merging to the last grid, for Eq. (11)."""
+        k = self.cfg.last_pe
+        pos_k = self.pos_0() if k == 0 else pos[k]
+        for merge, _ in self.merges_and_blocks()[k + 1 :]:
+            pos_k = merge(pos_k)
+        return pos_k
 
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
-        """Images (B, C, H, W) -> y, the Last LN's output on the last grid (B, H', W', C')."""
+        """Images (B, C, H, W) -> y, the Last LN's output on the last grid (B, H', W', C'); trace as ViT's."""
         cfg = check_images(img, self.cfg)
-        x = self.patch_embed(img)
-        pos = self.layer_pos() if cfg.pe_layer_ids else [None] * cfg.depth
+        x, pos, tokens = self.patch_embed(img), self.layer_pos(), []
         if cfg.pe_input:
             x = x + self.pos_0()  # Eq. (1)/(8)
-        tokens, at = [], 0
-        for (s, block), pos_l in zip(self.blocks(), pos):
-            if s > at:  # a new stage: patch merging
-                x, at = self.layers[s].downsample(x), s
+        for (merge, block), pos_l in zip(self.merges_and_blocks(), pos):
+            x = merge(x)  # a stage's patch merging, at its first block
             tokens.append(x)
             x = block(x, pos_l)
-        y = self.norm(x)  # Eq. (4)
-        if self.last_pe_norm is not None:
-            k = cfg.last_pe
-            pos_k = self.pos_0() if k == 0 else pos[k]  # Table 5: pos_k
-            y = y + self.last_pe_norm(self.carried(pos_k, self.blocks()[k][0]))  # Eq. (11), on the last grid
-        if trace is not None:
-            trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y)
-        return y
+        return self.last_ln(x, tokens, pos, trace)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(img))

@@ -7,6 +7,7 @@ Parameter names are the official code's, so its checkpoints load strictly.
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -15,6 +16,22 @@ from torch import nn
 from mpvg import Config, VisionTransformer
 
 T2T_VIT_7 = dict(dim=256, depth=7, heads=4, mlp_ratio=2.0, qkv_bias=False, norm_eps=1e-5, patch_size=16)
+
+
+@dataclass
+class T2TConfig(Config):
+    def __post_init__(self):
+        super().__post_init__()
+        if self.patch_size != 16:
+            raise ValueError(
+                f"T2T-ViT's soft splits stride 4, 2 and 2 pixels, 16 in all: give patch_size 16, "
+                f"not {self.patch_size}"
+            )
+        if self.init != "deit":
+            raise ValueError(
+                f"init {self.init!r} sets a learned PE and a patch convolution, and T2T-ViT has a fixed "
+                "sinusoid PE and no patch convolution: leave init 'deit' (T2T-ViT's own)"
+            )
 
 
 def sinusoid(rows: int, dim: int) -> torch.Tensor:
@@ -71,17 +88,14 @@ class TokensToToken(nn.Module):
 
 
 class T2TViT(VisionTransformer):
-    def __init__(self, cfg: Config):
-        if cfg.patch_size != 16:
-            raise ValueError(
-                f"T2T-ViT's soft splits stride 16 pixels in all: patch_size 16, not {cfg.patch_size}"
-            )
-        super().__init__(cfg)
-        del self.patch_embed
-        self.tokens_to_token = TokensToToken(cfg)
+    """mpvg.py's ViT with the Tokens-to-Token module as its stem and the sinusoid table as its PE."""
+
+    patch_embed = property(lambda self: self.tokens_to_token)  # the stem that mpvg.py's embed reads
+
+    def __init__(self, cfg: T2TConfig):
+        super().__init__(cfg, tokens_to_token=TokensToToken(cfg))
         if self.pos_embed is not None:  # fixed, as in the official code: a parameter that is never trained
             self.pos_embed.requires_grad_(False)
-        self.init_weights()
 
     def init_weights(self):
         """DeiT's (Linear weights and cls_token truncated normal, std 0.02), the PE the sinusoid table."""
@@ -89,6 +103,3 @@ class T2TViT(VisionTransformer):
         if self.pos_embed is not None:
             with torch.no_grad():
                 self.pos_embed.copy_(sinusoid(self.cfg.num_tokens, self.cfg.dim))
-
-    def patches(self, img: torch.Tensor) -> torch.Tensor:
-        return self.tokens_to_token(img)

@@ -1,21 +1,29 @@
 """The spec of models/: Swin-Ti, CeiT-Ti and T2T-ViT-7 in the paper's four PE modes. Tables 1 and 2's
 parameter counts exactly, the PE reaching exactly the layers it should, MPVG as PVG plus a constant on the
-logits, every knob at work, the official parameter names, Swin's forward against timm's, and a run of each
-through train.py."""
+logits, every knob each architecture accepts at work and every other refused by models.config in one line,
+the official parameter names, Swin's forward against timm's, checkpoints that rebuild any architecture, and
+a run of each through train.py."""
+
+import functools
+import math
+from dataclasses import asdict, fields
 
 import pytest
 import torch
 from conftest import run_train
 
 import models
+import mpvg
 import train
 
 MODES = ["default", "lape", "pvg", "mpvg"]
 TINY_MODELS = {  # each architecture small enough for a CPU test, every stage and part kept
-    "swin_tiny": dict(img_size=32, patch_size=2, dim=8, heads=1, window=4, depths=(2, 2, 2, 2)),
+    "swin_tiny": dict(img_size=32, patch_size=2, dim=8, heads=1, window=4, depth=8),  # stages of 2 blocks
     "ceit_tiny": dict(img_size=32, dim=16, heads=2, depth=3),
     "t2t_vit_7": dict(img_size=32, dim=16, heads=2, depth=3),
 }
+TINY_VIT = dict(img_size=16, patch_size=4, dim=16, heads=2, depth=3)  # deit_small and _base: deit_tiny here
+TINY = {"deit_tiny": TINY_VIT, "vit_lite_7_4": TINY_VIT, **TINY_MODELS}  # every architecture
 
 # From the official model code, and as the paper prints them (millions, truncated): default, LaPE, PVG, MPVG.
 COUNTS = {
@@ -37,7 +45,21 @@ def count(name: str, pe: str, num_classes: int) -> int:
 
 def tiny(name: str, **knobs):
     torch.manual_seed(0)
-    return models.create_model(name, **TINY_MODELS[name] | knobs).eval()
+    return models.create_model(name, **TINY[name] | knobs).eval()
+
+
+def swin_blocks(model) -> list[tuple[int, torch.nn.Module]]:  # (stage, block) of each layer l = 0..L
+    return [(s, block) for s, stage in enumerate(model.layers) for block in stage.blocks]
+
+
+def randomise(model):
+    """Every parameter random, LayerNorm affines included, the same for models of the same shapes."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = 0.3 * torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + noise if name.endswith("weight") and p.ndim == 1 else noise)
+    return model
 
 
 @pytest.mark.parametrize(("name", "classes"), COUNTS)
@@ -75,11 +97,8 @@ def test_the_pe_reaches_exactly_the_layers_it_should(name, pe):
     """Each receiving layer's LN'_l changes the logits when silenced; no other layer has one. Swin's PE
     arrives at each stage's own grid and width, carried by the stage's patch merging."""
     model, img = tiny(name, pe=pe), torch.randn(2, 3, 32, 32)
-    norms = (
-        [block.pe_norm for _, block in model.blocks()]
-        if name == "swin_tiny"
-        else [b.pe_norm for b in model.blocks]
-    )
+    blocks = swin_blocks(model) if name == "swin_tiny" else list(enumerate(model.blocks))
+    norms = [block.pe_norm for _, block in blocks]
     assert [l for l, n in enumerate(norms) if n is not None] == RECEIVING[name][pe]
     with torch.no_grad():
         for n in norms:
@@ -89,10 +108,10 @@ def test_the_pe_reaches_exactly_the_layers_it_should(name, pe):
         before = model.forward_features(img, trace)
         for l in RECEIVING[name][pe]:
             if name == "swin_tiny":
-                s, block = model.blocks()[l]
+                s, block = blocks[l]
                 side = 16 >> s
                 assert trace["pos"][l].shape == (1, side, side, 8 << s) == (1, *trace["tokens"][l].shape[1:])
-                if s and model.blocks()[l - 1][0] < s and l - 1 in RECEIVING[name][pe]:  # a stage's first
+                if s and blocks[l - 1][0] < s and l - 1 in RECEIVING[name][pe]:  # a stage's first
                     carried = block.pe_norm(model.layers[s].downsample(trace["pos"][l - 1]))  # by its merging
                     torch.testing.assert_close(trace["pos"][l], carried)
             saved = norms[l].weight.clone(), norms[l].bias.clone()
@@ -105,45 +124,160 @@ def test_the_pe_reaches_exactly_the_layers_it_should(name, pe):
 def test_mpvg_is_pvg_plus_a_constant_on_the_logits(name):
     """Eq. (11) through GAP: with PVG's weights, MPVG's logits are PVG's plus W times the mean of LN(pos_0)
     (for Swin, pos_0 carried by the patch merging to the last grid; for CeiT, LCA's output token)."""
-    mpvg = tiny(name, pe="mpvg")
+    mpvg_model = tiny(name, pe="mpvg")
     with torch.no_grad():
-        mpvg.last_pe_norm.weight.normal_(), mpvg.last_pe_norm.bias.normal_()
+        mpvg_model.last_pe_norm.weight.normal_(), mpvg_model.last_pe_norm.bias.normal_()
     pvg = tiny(name, pe="pvg")
-    pvg.load_state_dict({k: v for k, v in mpvg.state_dict().items() if not k.startswith("last_pe_norm")})
+    pvg.load_state_dict(
+        {k: v for k, v in mpvg_model.state_dict().items() if not k.startswith("last_pe_norm")}
+    )
     img = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         if name == "swin_tiny":
-            pe, weight = (
-                mpvg.last_pe_norm(mpvg.carried(mpvg.pos_0(), 0)).mean(dim=(1, 2)),
-                mpvg.head.fc.weight,
-            )
+            pos_0 = mpvg_model.pos_0()  # carried to the last grid by each later stage's patch merging
+            for stage in mpvg_model.layers[1:]:
+                pos_0 = stage.downsample(pos_0)
+            pe, weight = mpvg_model.last_pe_norm(pos_0).mean(dim=(1, 2)), mpvg_model.head.fc.weight
         else:
-            pe, weight = mpvg.last_pe_norm(mpvg.pos_embed).mean(dim=1), mpvg.head.weight
-        torch.testing.assert_close(mpvg(img) - pvg(img), (pe @ weight.T).expand(3, -1), atol=1e-5, rtol=1e-4)
+            pe, weight = mpvg_model.last_pe_norm(mpvg_model.pos_embed).mean(dim=1), mpvg_model.head.weight
+        torch.testing.assert_close(
+            mpvg_model(img) - pvg(img), (pe @ weight.T).expand(3, -1), atol=1e-5, rtol=1e-4
+        )
 
 
-KNOBS = {  # each knob of mpvg.Config turned away from MPVG's preset
-    "pe_input": dict(pe_input=False),
-    "pe_layers": dict(pe_layers="all"),
-    "pe_hierarchical": dict(pe_hierarchical=False),
-    "last_pe": dict(last_pe=2),
+ALTERNATIVES = dict(  # a field -> another value each tiny model accepts (overridden per model below)
+    img_size=48,
+    patch_size=8,
+    in_chans=1,
+    num_classes=5,
+    dim=32,
+    depth=2,
+    heads=4,
+    mlp_ratio=3.0,
+    norm_eps=1e-2,
+    drop_path=0.5,
+    attn_drop=0.5,
+    pe="lape",
+    pool="cls",
+    pe_input=False,
+    pe_layers="all",
+    pe_hierarchical=False,
+    last_pe=1,
+)
+SWIN_ALTERNATIVES = dict(img_size=16, patch_size=4, dim=16, depth=9, heads=2, pe_layers="skip0", window=2)
+REFUSED = {  # (model, field): a value the model cannot honour, and what models.config's message says
+    ("swin_tiny", "init"): ("cct", "Swin initialises as its official code .*: leave init 'deit'"),
+    ("swin_tiny", "pool"): ("cls", "Swin has no class token .*: pool 'gap', not 'cls'"),
+    ("swin_tiny", "depth"): (6, r"four stages, 2, 2, depth - 6 and 2 .*: give depth 7 or more, not 6"),
+    ("swin_tiny", "window"): (
+        3,
+        r"grids \[16, 8, 4, 2\] must halve .*: choose img_size, patch_size and window",
+    ),
+    ("ceit_tiny", "patch_size"): (2, "CeiT's stem halves the image twice .*a multiple of 4 .*not 2"),
+    ("t2t_vit_7", "patch_size"): (8, "T2T-ViT's soft splits stride .*: give patch_size 16, not 8"),
+    ("t2t_vit_7", "init"): ("cct", "T2T-ViT has a fixed sinusoid PE .*: leave init 'deit'"),
+    **{
+        (name, "window"): (4, f"{name} has no 'window': leave it out") for name in TINY if name != "swin_tiny"
+    },
 }
+FIXED = {("swin_tiny", "init"), ("swin_tiny", "pool"), ("t2t_vit_7", "patch_size"), ("t2t_vit_7", "init")}
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-@pytest.mark.parametrize("knob", KNOBS)
-def test_every_knob_changes_each_architecture(name, knob):
-    """From MPVG's preset, each knob alone changes every architecture's logits, the shared weights equal."""
-    change = KNOBS[knob] if (name, knob) != ("swin_tiny", "pe_layers") else dict(pe_layers="skip0")
-    base, changed = tiny(name, pe="mpvg"), tiny(name, pe="mpvg", **change)
+def alternative(name: str, field: str):
+    """Another value of field that the model accepts, from its tiny PVG base."""
+    base = models.config(name, **TINY[name] | {"pe": "pvg"})
+    if field in ("qkv_bias", "init"):  # the other of two values
+        return {"qkv_bias": not base.qkv_bias, "init": "deit" if base.init == "cct" else "cct"}[field]
+    return (SWIN_ALTERNATIVES if name == "swin_tiny" else {}).get(field, ALTERNATIVES.get(field))
+
+
+def fingerprint(name: str, **knobs) -> list:
+    """What a model is: its parameter shapes, its initial weights and, with every weight set alike where
+    the shapes allow, its output in evaluation and, from a fixed seed, in training."""
+    model = tiny(name, **{"pe": "pvg"} | knobs)
+    initial = [p.detach().clone() for p in model.parameters()]
+    randomise(model)
+    cfg = model.cfg
+    img = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
     with torch.no_grad():
-        for p in base.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # LayerNorms off their identity, so that each is seen
-    shared = {k: v for k, v in base.state_dict().items() if k in changed.state_dict()}
-    changed.load_state_dict(shared, strict=False)
-    img = torch.randn(2, 3, 32, 32)
+        out = [model.eval()(img), model.train()(img)]
+    return [{k: v.shape for k, v in model.state_dict().items()}, initial, out]
+
+
+base_fingerprint = functools.cache(fingerprint)  # the tiny PVG model's, computed once
+
+
+ACCEPTED = [
+    (name, f.name)
+    for name in TINY
+    for f in fields(models.ARCHITECTURES[name][1])  # the config class
+    if (name, f.name) not in FIXED
+]
+
+
+@pytest.mark.parametrize(("name", "field"), ACCEPTED)
+def test_every_knob_an_architecture_accepts_changes_it(name, field):
+    """No knob is ignored: each field of each architecture's config, changed alone to a value it accepts,
+    changes the parameters, their initialisation or the output (dropout and stochastic depth: in training).
+    The size fields, init, pool and the four PE knobs included."""
+    value = alternative(name, field)
+    assert getattr(models.config(name, **TINY[name] | {"pe": "pvg", field: value}), field) == value
+    a, b = base_fingerprint(name), fingerprint(name, **{field: value})
+    same_shapes = a[0] == b[0]
+    assert not same_shapes or any(not torch.equal(x, y) for x, y in zip(a[1] + a[2], b[1] + b[2])), (
+        f"{name}: {field}={value!r} changes nothing"
+    )
+
+
+@pytest.mark.parametrize(("name", "field"), REFUSED)
+def test_a_knob_an_architecture_cannot_honour_is_one_line_from_models_config(name, field):
+    """A value an architecture cannot honour is refused by models.config (and so by create_model, and by
+    train.py's flags), in one ValueError of one line that says what is wrong and what to do."""
+    value, message = REFUSED[name, field]
+    with pytest.raises(ValueError, match=message) as refused:
+        models.config(name, **TINY[name] | {field: value})
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ValueError, match=message):
+        models.create_model(name, **TINY[name] | {field: value})
+
+
+def test_ceit_honours_init_cct_as_vit_lite_does():
+    """Config.init="cct" (Compact Transformers' ViT-Lite), against "deit", on CeiT: the PE truncated normal
+    with std 0.2 (not 0.02), the class token 0, and the patch convolution (I2T's last) Kaiming normal,
+    std sqrt(2 / fan_in), not PyTorch's default (uniform within 1 / sqrt(fan_in)). ViT's: test_mpvg.py."""
+    size = dict(img_size=64, dim=64, heads=2, depth=1, pe="lape")  # a class token and a PE
+    deit, cct = (models.create_model("ceit_tiny", **size, init=init) for init in ("deit", "cct"))
+    assert deit.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    assert cct.pos_embed.std().item() == pytest.approx(0.2, rel=0.1)
+    assert deit.cls_token.abs().max() > 0 and not cct.cls_token.any()
+    fan_in = cct.i2t.proj.weight[0].numel()
+    assert cct.i2t.proj.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    assert deit.i2t.proj.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_models_load_model_rebuilds_any_architecture_from_its_checkpoint(tmp_path, name):
+    """A checkpoint as train.py writes it, {"model": weights, "model_config": {"model": name, **config}},
+    is enough for models.load_model: the same class and configuration, the same logits, in eval mode."""
+    model = randomise(tiny(name, pe="mpvg"))
+    model_config = {"model": name, **asdict(model.cfg)}
+    torch.save({"model": model.state_dict(), "model_config": model_config}, tmp_path / "checkpoint.pt")
+    loaded = models.load_model(tmp_path / "checkpoint.pt")
+    assert type(loaded) is type(model) and loaded.cfg == model.cfg and not loaded.training
+    img = torch.randn(2, 3, model.cfg.img_size, model.cfg.img_size)
     with torch.no_grad():
-        assert not torch.allclose(base(img), changed(img), atol=1e-5)
+        torch.testing.assert_close(loaded(img), model(img), rtol=0, atol=0)
+
+
+def test_mpvg_load_model_refuses_another_architecture_in_one_line():
+    """mpvg.py, copied alone, loads its own presets' checkpoints; another architecture's it refuses in one
+    line that names models.load_model."""
+    model = tiny("swin_tiny")
+    checkpoint = {"model": model.state_dict(), "model_config": {"model": "swin_tiny", **asdict(model.cfg)}}
+    with pytest.raises(ValueError, match=r"'swin_tiny'.*models\.load_model") as refused:
+        mpvg.load_model(checkpoint)
+    assert "\n" not in str(refused.value)
 
 
 def block_keys(prefix: str, shapes: dict, n: int) -> dict:
@@ -275,11 +409,11 @@ def test_the_swin_stages_follow_the_paper():
     """Swin-T: four stages of 2, 2, 6, 2 blocks on 56, 28, 14, 7 grids of 96 to 768 channels, windows of 7
     shifted by 3 in every second block but on the last grid (one window there), a mask where shifted."""
     model = models.create_model("swin_tiny", pe="mpvg")
-    blocks = model.blocks()
+    blocks = swin_blocks(model)
     assert [s for s, _ in blocks] == [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3]
-    assert [b.shift for _, b in blocks] == [0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0, 0]
+    assert [b.attn.shift for _, b in blocks] == [0, 3, 0, 3, 0, 3, 0, 3, 0, 3, 0, 0]
     assert [b.norm1.normalized_shape[0] for _, b in blocks][::2] == [96, 192, 384, 384, 384, 768]
-    assert [None if b.attn_mask is None else tuple(b.attn_mask.shape) for _, b in blocks][:4] == [
+    assert [None if b.attn.attn_mask is None else tuple(b.attn.attn_mask.shape) for _, b in blocks][:4] == [
         None,
         (64, 49, 49),
         None,
@@ -325,10 +459,9 @@ def test_each_model_trains_resumes_and_evaluates_through_train_py(tmp_path, name
 def test_ceits_lca_is_full_attention_read_at_the_last_token():
     """LCA's attention (the query from the last layer's token only) is the last row of full multi-head
     self-attention with the same weights: the official code's split of qkv into q and kv, read literally."""
-    from mpvg import Attention
-
     lca = tiny("ceit_tiny").lca.attn
-    full = Attention(lca_cfg := models.config("ceit_tiny", **TINY_MODELS["ceit_tiny"]))
+    lca_cfg = models.config("ceit_tiny", **TINY["ceit_tiny"])
+    full = mpvg.Attention(lca_cfg.dim, lca_cfg.heads, lca_cfg.qkv_bias)
     full.load_state_dict(lca.state_dict())
     layers = torch.randn(2, lca_cfg.depth, lca_cfg.dim)
     with torch.no_grad():
