@@ -48,14 +48,21 @@ def epochs_in(folder: Path) -> list[int]:
 
 
 STEPPER = """
-import os, runpy, signal, sys, torch
+import os, runpy, signal, subprocess, sys, torch
 import training.data
 at, moment, seen = int(os.environ["SIGNAL_AT"]), os.environ["SIGNAL_IN"], []
 def send():  # the at-th time the moment comes, the signal goes out (not again once torchrun restarted us)
     seen.append(1)
     if len(seen) == at and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        target = 0 if os.environ["SIGNAL_TO"] == "group" else os.getpid()
-        (os.killpg if target == 0 else os.kill)(target, int(os.environ["SIGNAL"]))
+        sig = int(os.environ["SIGNAL"])
+        if os.environ["SIGNAL_TO"] == "process":
+            return os.kill(os.getpid(), sig)
+        # to the group, from another process, as a scheduler or timeout sends it (a loader worker
+        # takes a signal from its parent as a request to exit, one from elsewhere as a kill); twice: also
+        # 0.2 s later, as torchrun forwards a scheduler's signal to the processes that got it already
+        kill = f"kill -{sig} -{os.getpgid(0)}"
+        twice = os.environ["SIGNAL_TO"] == "group twice"
+        subprocess.Popen(["sh", "-c", f"{kill}; sleep 0.2; {kill}" if twice else kill]).wait()
 def wrap(owner, name):
     original = getattr(owner, name)
     def wrapped(*args, **kwargs):
@@ -74,8 +81,9 @@ runpy.run_path("train.py", run_name="__main__")
 def train_script(tmp_path, *argv, signal_at=0, sig=9, to="process", at="step", torchrun=(), timeout=240):
     """train.py as its command runs it (its __main__), in a process group of its own and with as many
     threads as this process; the `signal_at`-th time that `at` comes (the optimizer's "step", a checkpoint
-    being written in "save", start-up's "build_datasets") it sends `sig` to itself or its whole group (not
-    again once torchrun restarted it). torchrun: the launcher's flags, to run under it."""
+    being written in "save", start-up's "build_datasets") it sends `sig` to itself ("process"), or
+    from another process to its whole group ("group"), or that twice 0.2 s apart ("group twice"); not again
+    once torchrun restarted it. torchrun: the launcher's flags, to run under it."""
     stepper = tmp_path / "stepper.py"
     stepper.write_text(STEPPER)
     env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))

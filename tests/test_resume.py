@@ -112,9 +112,11 @@ def test_a_preemption_says_what_is_saved_and_its_command_goes_on(tmp_path):
     "at, sig, to, saved",
     [
         ("build_datasets", signal.SIGTERM, "group", None),  # start-up
-        ("save", signal.SIGTERM, "group", "best.pt"),  # epoch 1's first file, half written
+        ("save", signal.SIGTERM, "group twice", "best.pt"),  # epoch 1's first file, being written
         ("save", signal.SIGINT, "process", "best.pt"),
-        ("step", signal.SIGINT, "group", "checkpoint.pt"),  # epoch 2, workers alive
+        ("step", signal.SIGTERM, "group", "checkpoint.pt"),  # epoch 2, workers alive
+        ("step", signal.SIGTERM, "group twice", "checkpoint.pt"),
+        ("step", signal.SIGINT, "group", "checkpoint.pt"),
     ],
 )
 def test_an_interrupt_at_any_moment_is_one_line_and_leaves_every_file_whole(tmp_path, at, sig, to, saved):
