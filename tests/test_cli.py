@@ -147,6 +147,13 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
             "--resume PATH goes on with a run and --finetune starts a new one",
         ),
         (["--eval-only"], "--eval-only needs a checkpoint"),
+        (["--model", "ceit_tiny", "--patch-size", "2"], "CeiT's stem halves the image twice"),
+        (["--model", "t2t_vit_7", "--patch-size", "8"], "T2T-ViT's soft splits stride 4, 2 and 2 pixels"),
+        (["--model", "swin_tiny", "--depth", "4"], "give depth 7 or more, not 4"),
+        (
+            ["--model", "swin_tiny", "--depth", "12", "--pe", "default", "--pool", "cls"],
+            "Swin has no class token",
+        ),
         (["--batch-size", "128"], "64 training images a process make no step: lower --batch-size"),
         (
             ["--device-data", "on", "--data", "imagenet", "--data-path", str(tmp_path / "data")],

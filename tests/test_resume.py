@@ -279,6 +279,17 @@ def test_a_full_disk_mid_write_leaves_the_file_before_it_whole(tmp_path, monkeyp
     assert epochs_in(tmp_path / "run") == [1, 2]
 
 
+def test_a_save_stopped_by_ctrl_c_outside_train_py_leaves_the_file_before_it(tmp_path, monkeypatch):
+    """The library called from a program of one's own, with Python's own Ctrl-C: the interrupt goes on, the
+    file before it stays whole and no temporary file is left."""
+    checkpoint.save(tmp_path / "x.pt", {"w": torch.ones(2)})
+    monkeypatch.setattr(torch, "save", lambda obj, f: f.write(b"part") and exec("raise KeyboardInterrupt"))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "x.pt", {"w": torch.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], torch.ones(2))
+
+
 def test_a_save_is_on_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
     """What survives a power loss: the new bytes are flushed to the disk before the rename, and the rename
     itself after it (a journal may otherwise replay the rename over an empty file)."""
