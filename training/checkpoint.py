@@ -35,8 +35,9 @@ _waiting: list[int] | None = None  # while a file is written: the signals that c
 
 def _interrupt(signum, frame):
     # Loader workers stopped by the same signal (sent to the whole group) must not raise in its place:
-    # torch's SIGCHLD handler would turn their end into a RuntimeError, anywhere, even on the way out.
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # torch's SIGCHLD handler would turn their end into a RuntimeError, anywhere, even on the way out. A
+    # handler that does nothing, not SIG_DFL, so that a SIGCHLD already on its way finds one to call.
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     if _waiting is not None:
         _waiting.append(signum)
         return
