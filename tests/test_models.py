@@ -32,7 +32,7 @@ COUNTS = {
     ("t2t_vit_7", 1000): ([4_310_222, 4_313_806, 4_312_782, 4_313_294], [4.310, 4.313, 4.312, 4.313]),
     ("t2t_vit_7", 100): ([4_078_922, 4_082_506, 4_081_482, 4_081_994], [4.078, 4.082, 4.081, 4.081]),
 }
-NO_WIRING_FITS = {  # printed values that no consistent wiring gives (NOTES.md)
+NO_WIRING_FITS = {  # printed values that no consistent wiring gives (docs/models.md)
     ("swin_tiny", 1000, "lape"): "LaPE's 12 LN' (8,832) give 28.598; the paper prints 28.599",
     ("ceit_tiny", 1000, "pvg"): "PVG's 11 LN' give 6.360; the paper prints MPVG's 6.361, one LayerNorm more",
 }
