@@ -43,15 +43,19 @@ def command(world: int, argv: list[str]) -> str:
     return f"{'python' if world == 1 else f'torchrun --nproc_per_node={local}'} train.py {shlex.join(argv)}"
 
 
-def go_on(out: Path, world: int) -> str:
-    return command(world, ["--resume", "auto", "--output-dir", str(out)])
+def going_on(out: Path | None, argv: list[str], world: int) -> tuple[tuple[Path, int] | None, str]:
+    """The newest checkpoint of the run's folder and its epoch (None before the first), and the command that
+    goes on from it (or, with none, starts the same run again)."""
+    found = out and checkpoint.newest(out)
+    return found, command(world, ["--resume", "auto", "--output-dir", str(out)] if found else argv)
 
 
 def interrupted(out: Path | None, argv: list[str], world: int) -> str:
     """What an interrupted run has saved, and the command that goes on from there (or starts it again)."""
-    if not (found := out and checkpoint.newest(out)):
-        return f"interrupted before its first checkpoint. Start again: {command(world, argv)}"
-    return f"interrupted; {found[0]} holds epoch {found[1] + 1}. Go on: {go_on(out, world)}"
+    found, again = going_on(out, argv, world)
+    if not found:
+        return f"interrupted before its first checkpoint. Start again: {again}"
+    return f"interrupted; {found[0]} holds epoch {found[1] + 1}. Go on: {again}"
 
 
 def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
@@ -125,8 +129,9 @@ def main(argv=None):
                 print(f"\ntrain.py: {interrupted(where.get('out'), argv, world)}", file=sys.stderr)
             raise SystemExit(130) from None
         except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            lower = f"{go_on(where['out'], world)} --lr LOWER"
-            fail(f"{e}; stopped before saving it. Go on from the last checkpoint with a lower lr: {lower}")
+            found, again = going_on(where["out"], argv, world)
+            how = "Go on from the last checkpoint" if found else "Start again"
+            fail(f"{e}; stopped before saving it. {how} with a lower lr: {again} --lr LOWER")
         except UserError as e:
             fail(str(e))
         except data.DataError as e:  # from a loader worker, whose traceback's last line is the error itself

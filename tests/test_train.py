@@ -350,9 +350,9 @@ def test_every_recipe_value_changes_the_run(tmp_path, monkeypatch, key, flags):
 
 
 def test_training_stops_on_a_non_finite_loss_before_saving_and_a_lower_lr_goes_on(tmp_path, monkeypatch):
-    """A loss that overflows in epoch 2 (here: images scaled by 1e38 from its second step on) stops the run
+    """A loss that overflows in epoch 2 (here: images scaled by 1e38 from its sixth step on) stops the run
     in one line, epoch 1's checkpoint whole and the last saved; the command it names, with a lower --lr,
-    goes on from there with that lr."""
+    goes on from there with that lr. One that overflows in epoch 1 names the command that starts again."""
     steps, step = [], engine.train_step
 
     def overflowing(model, optimizer, micro_batches, *args):
@@ -361,6 +361,12 @@ def test_training_stops_on_a_non_finite_loss_before_saving_and_a_lower_lr_goes_o
         return step(model, optimizer, [(img * scale, t) for img, t in micro_batches], *args)
 
     monkeypatch.setattr(engine, "train_step", overflowing)
+    with pytest.raises(
+        SystemExit, match="epoch 1, step 2; stopped before saving it. Start again with a lower"
+    ):
+        run_train(tmp_path, "--log-every", "1", "--synthetic-size", "512", *QUIET, name="early")
+    assert not list((tmp_path / "early").iterdir())
+    steps.clear()
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path, "--epochs", "3", "--log-every", "1", *QUIET)
     message = str(stopped.value.code)
