@@ -362,7 +362,7 @@ def test_training_stops_on_a_non_finite_loss_before_saving_and_a_lower_lr_goes_o
 
     monkeypatch.setattr(engine, "train_step", overflowing)
     with pytest.raises(
-        SystemExit, match="epoch 1, step 2; stopped before saving it. Start again with a lower"
+        SystemExit, match="epoch 1, step 6; stopped before saving it. Start again with a lower"
     ):
         run_train(tmp_path, "--log-every", "1", "--synthetic-size", "512", *QUIET, name="early")
     assert not list((tmp_path / "early").iterdir())
