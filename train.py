@@ -108,8 +108,9 @@ def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
         if not math.isfinite(loss := loss + metrics["val_loss"]):
             raise FloatingPointError(f"the loss became {loss} in epoch {epoch + 1}")
         metrics.update(lr=engine.lr_at(epoch, args), images_per_sec=rate, seconds=time.perf_counter() - begin)
+        history.append(metrics)  # on every process: each returns the best epoch
         if MASTER:
-            checkpoint.save_epoch(out, args, state, epoch, metrics)
+            checkpoint.save_epoch(out, args, state, epoch)
         say("  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     best = max(history, key=lambda m: m["val_top1"])
     return say(f"best val_top1 {best['val_top1']:.2f} at epoch {best['epoch']}: {out}/best.pt", best)

@@ -218,12 +218,12 @@ def claim(out: Path, resuming: bool):
         ) from None
 
 
-def save_epoch(out: Path, args, state: dict, epoch: int, metrics: dict):
-    """The epoch's checkpoint (and best.pt, if its top-1 is the best yet: first, so that checkpoint.pt never
-    names a best epoch whose file is not there), then metrics.jsonl, each written whole."""
+def save_epoch(out: Path, args, state: dict, epoch: int):
+    """The epoch's checkpoint (and best.pt, if its top-1, the history's last, is the best yet: first, so
+    that checkpoint.pt never names a best epoch whose file is not there), then metrics.jsonl, each written
+    whole."""
     history = state["history"]
-    is_best = metrics["val_top1"] > max((m["val_top1"] for m in history), default=-1.0)
-    history.append(metrics)
+    is_best = history[-1]["val_top1"] > max((m["val_top1"] for m in history[:-1]), default=-1.0)
     model, ema, optimizer, cfg = state["model"], state["ema"], state["optimizer"], state["cfg"]
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=state["data"])
     ckpt |= dict(ema=ema.state_dict() if ema else None, args=vars(args), history=history)
