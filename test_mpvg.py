@@ -11,7 +11,8 @@ every combination of the knobs):
                                                     test_mpvg_is_pvg_with_another_head_bias
   Tables 1, 2         parameter counts              test_parameter_counts_are_exact, ..._as_printed
   Table 5             pos_k at the Last LN          literal (last_pe drawn); test_mpvg_is_pvg_with_...
-  Table 6             layer 0, hierarchy, x + PE    literal (knobs drawn); test_pe_modes_are_the_papers_table
+  Table 6             layer 0, hierarchy, x + PE    literal (knobs drawn); test_pe_modes_are_the_papers_table,
+                                                    test_table_6_hierarchy_in_every_layer_wise_mode
 """
 
 import math
@@ -193,6 +194,46 @@ def test_pe_modes_are_the_papers_table():
         "pvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=None, pool="gap"),
         "mpvg": dict(pe_input=True, pe_layers="skip0", pe_hierarchical=True, last_pe=0, pool="gap"),
     }
+
+
+def literal_ln(t, norm, eps):
+    """LayerNorm over the last axis, written out: (t - mean) / sqrt(var + eps) * weight + bias."""
+    mu = t.mean(-1, keepdim=True)
+    var = ((t - mu) ** 2).mean(-1, keepdim=True)
+    return (t - mu) / torch.sqrt(var + eps) * norm.weight + norm.bias
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+@pytest.mark.parametrize("mode", ["lape", "pvg", "mpvg"])
+def test_table_6_hierarchy_in_every_layer_wise_mode(mode, hierarchical):
+    """Table 6's "Hierarchical", in every mode with layer-wise PE and both ways, each case run (not left to
+    hypothesis's draw): not hierarchical, each receiving layer l gets LN'_l(pos_0); hierarchical, LaPE's
+    layer l gets LN'_l(pos_l) with pos_l = LN'_{l-1}(pos_{l-1}) (Eqs. 6-7) and PVG's and MPVG's layer l >= 1
+    gets pos_l = LN'_l(pos_{l-1}) (Eqs. 9-10): LN'_l of what the previous receiving layer got."""
+    depth = 4
+    model = build(
+        dict(img_size=8, patch_size=4, dim=8, heads=2, depth=depth, pe=mode, pe_hierarchical=hierarchical)
+    )
+    pos, layers = model.pos_embed, receiving_layers(PE_MODES[mode]["pe_layers"], depth)
+
+    def ln(t, l):  # LN'_l, the PE's own LayerNorm of layer l
+        return literal_ln(t, model.blocks[l].pe_norm, model.cfg.norm_eps)
+
+    pos_l = [pos]  # pos_0 = pos, then Eq. (7) (LaPE) or Eq. (10) (PVG, MPVG) in its own indexing
+    for l in range(1, depth):
+        pos_l.append(ln(pos_l[l - 1], l - 1 if mode == "lape" else l))
+    readings = {
+        False: {l: ln(pos, l) for l in layers},  # Table 6, not hierarchical: LN'_l(pos_0)
+        True: {l: ln(pos_l[l], l) if mode == "lape" else pos_l[l] for l in layers},  # Eq. (6) / Eq. (9)
+    }
+    last = layers[-1]
+    assert not torch.allclose(readings[True][last], readings[False][last])  # the two readings differ
+    img, trace = images(model), {}
+    logits = model.forward_head(model.forward_features(img, trace))
+    assert [l for l, p in enumerate(trace["pos"]) if p is not None] == layers
+    for l in layers:
+        torch.testing.assert_close(trace["pos"][l], readings[hierarchical][l], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits, reference_logits(model, img), rtol=1e-9, atol=1e-9)
 
 
 @given(st.integers(1, 3), st.integers(1, 8), st.integers(1, 3), st.sampled_from([2, 4, 8]), st.booleans())

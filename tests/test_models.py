@@ -15,6 +15,7 @@ from conftest import run_train
 import models
 import mpvg
 import train
+from training import engine, flags
 
 MODES = ["default", "lape", "pvg", "mpvg"]
 TINY_MODELS = {  # each architecture small enough for a CPU test, every stage and part kept
@@ -421,6 +422,50 @@ def test_the_swin_stages_follow_the_paper():
     ]
 
 
+def test_swins_stochastic_depth_rises_linearly_across_all_stages():
+    """The official Swin's schedule, dpr = torch.linspace(0, drop_path_rate, sum(depths)): block l of the
+    L + 1 blocks of all four stages drops its branches with rate l / L x drop_path, one line from the first
+    stage's first block to the last stage's last, never restarting at a stage (Swin-T's recipe: 0.2)."""
+    model = tiny("swin_tiny", depth=9, drop_path=0.4)  # stages of 2, 2, 3 and 2 blocks
+    assert [b.drop_prob for _, b in swin_blocks(model)] == pytest.approx([0.4 * l / 8 for l in range(9)])
+    with torch.device("meta"):
+        swin_t = models.create_model("swin_tiny", drop_path=0.2)
+    assert [b.drop_prob for _, b in swin_blocks(swin_t)] == pytest.approx([0.2 * l / 11 for l in range(12)])
+
+
+@pytest.mark.parametrize("pe", MODES)
+def test_swin_decays_neither_its_position_tables_nor_its_1d_parameters(pe):
+    """The official Swin's optimizer: no weight decay on absolute_pos_embed (its no_weight_decay), on any
+    relative_position_bias_table (its no_weight_decay_keywords), nor on 1-D parameters; every other weight
+    decays. So says model.no_weight_decay(), and so the optimizer of the swin recipe groups them."""
+    model = tiny("swin_tiny", pe=pe)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    tables = {n for n in shapes if n.endswith("relative_position_bias_table")}
+    assert len(tables) == model.cfg.depth and "absolute_pos_embed" in shapes  # a table per block
+    exempt = {n for n, shape in shapes.items() if len(shape) == 1} | tables | {"absolute_pos_embed"}
+    assert model.no_weight_decay() == exempt
+    args = flags.parse(["--recipe", "swin"])[0]
+    optimizer = engine.build_optimizer(model, args, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert args.weight_decay > 0 and decayed == set(shapes) - exempt
+
+
+def test_swins_attention_dropout_acts_in_training_only():
+    """Swin's attention dropout (attn_drop_rate) draws a new mask each training call and none in evaluation:
+    there the model repeats bit for bit and is the attn_drop=0 model with the same weights."""
+    model, plain = tiny("swin_tiny", attn_drop=0.5), tiny("swin_tiny", attn_drop=0.0)
+    plain.load_state_dict(model.state_dict())
+    img = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        evaluated = model.eval()(img)
+        assert torch.equal(evaluated, model(img))
+        torch.testing.assert_close(evaluated, plain.eval()(img), rtol=0, atol=0)
+        torch.manual_seed(0)
+        model.train()
+        assert not torch.allclose(model(img), model(img))
+
+
 @pytest.mark.parametrize(
     ("name", "size"),
     [
@@ -466,3 +511,79 @@ def test_ceits_lca_is_full_attention_read_at_the_last_token():
     layers = torch.randn(2, lca_cfg.depth, lca_cfg.dim)
     with torch.no_grad():
         torch.testing.assert_close(lca(layers), full(layers)[:, -1:])
+
+
+def literal_leff(leff, x: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """The official CeiT's LocallyEnhancedFeedForward (with_bn=True), written out from leff's parameters: the
+    patch tokens as a grid through a 1 x 1 convolution, BatchNorm, GELU, a depthwise 3 x 3 convolution (zero
+    padding), BatchNorm, GELU, a 1 x 1 convolution and BatchNorm; the class token passes unchanged. Each
+    BatchNorm normalises each channel by its batch statistics in training (biased variance), by its running
+    ones in evaluation."""
+    cls, tokens = x[:, :has_cls], x[:, has_cls:]
+    side = math.isqrt(tokens.shape[1])
+
+    def pointwise(t, conv):  # a 1 x 1 convolution: the same linear map of every token
+        return t @ conv.weight[:, :, 0, 0].T + conv.bias
+
+    def depthwise(t, conv):  # (B, h, w, C): each channel its own 3 x 3 filter over the zero-padded grid
+        padded = torch.nn.functional.pad(t, (0, 0, 1, 1, 1, 1))
+        out = sum(
+            padded[:, i : i + side, j : j + side] * conv.weight[:, 0, i, j]
+            for i in range(3)
+            for j in range(3)
+        )
+        return out + conv.bias
+
+    def batch_norm(t, bn):  # per channel, over the batch and the grid
+        if leff.training:
+            mean, var = t.mean(dim=(0, 1, 2)), t.var(dim=(0, 1, 2), unbiased=False)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        return (t - mean) / torch.sqrt(var + bn.eps) * bn.weight + bn.bias
+
+    def gelu(t):
+        return 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))
+
+    h = tokens.reshape(x.shape[0], side, side, -1)  # (B, h, w, D), row-major patches
+    h = gelu(batch_norm(pointwise(h, leff.conv1), leff.bn1))
+    h = gelu(batch_norm(depthwise(h, leff.conv2), leff.bn2))
+    h = batch_norm(pointwise(h, leff.conv3), leff.bn3)
+    return torch.cat([cls, h.reshape(x.shape[0], side * side, -1)], dim=1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("pe", ["lape", "pvg"])  # a class token, and GAP
+def test_ceits_leff_is_the_official_one_with_its_three_batchnorms(pe, training):
+    """Table 1's CeiT-Ti: its LeFF is the official code's, read literally, three convolutions, each with its
+    BatchNorm, every BatchNorm at work in training and in evaluation, and a class token passed unchanged."""
+    model = randomise(tiny("ceit_tiny", pe=pe)).double()
+    leff = model.blocks[0].leff
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for bn in (leff.bn1, leff.bn2, leff.bn3):  # evaluation's statistics, none of them 0 and 1
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g, dtype=torch.float64))
+            bn.running_var.copy_(0.5 + torch.rand(bn.running_var.shape, generator=g, dtype=torch.float64))
+        grid = 16  # a 4 x 4 grid of patch tokens, after a class token where there is one
+        x = torch.randn(3, (pe == "lape") + grid, model.cfg.dim, generator=g, dtype=torch.float64)
+        expected = literal_leff(leff.train(training), x, pe == "lape")
+        torch.testing.assert_close(leff(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pe", MODES)
+def test_ceits_lca_reads_each_layers_class_token_or_token_mean(pe):
+    """Table 1's CeiT-Ti: LCA attends over what layers 1 .. L + 1 hand it, plus its own PE (pos_layer_embed):
+    with a class token, each layer's output class token, as the official CeiT; under GAP, which has none,
+    each layer's output averaged over all its tokens. The trace's `layers` holds the same."""
+    model = randomise(tiny("ceit_tiny", pe=pe))
+    pool = {"default": "cls", "lape": "cls", "pvg": "gap", "mpvg": "gap"}[pe]
+    outputs, handed = [], []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    model.lca.register_forward_pre_hook(lambda module, args: handed.append(args[0]))
+    trace = {}
+    with torch.no_grad():
+        model.forward_features(torch.randn(2, 3, 32, 32), trace)
+    assert len(outputs) == model.cfg.depth and len(handed) == 1
+    layers = torch.stack([out[:, 0] if pool == "cls" else out.mean(dim=1) for out in outputs], dim=1)
+    torch.testing.assert_close(handed[0], layers + model.pos_layer_embed)
+    torch.testing.assert_close(trace["layers"], layers)
