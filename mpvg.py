@@ -61,7 +61,7 @@ PRESETS = {
 
 @dataclass
 class Config:
-    img_size: int = 224  # H = W of the input, in pixels
+    img_size: int = 224  # H = W of the input, in pixels, that pos is learned at (pos_at resizes it)
     patch_size: int = 16  # P: each P x P patch becomes one token, N = HW / P^2
     in_chans: int = 3
     num_classes: int = 1000
@@ -136,11 +136,11 @@ def init_linears(model: nn.Module):
 
 
 def check_images(img: torch.Tensor, cfg: Config) -> Config:
-    """cfg, if img is a batch of the images it describes, else a ValueError that says what is wrong."""
-    if img.shape[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+    """cfg, if img is a batch of images it reads (any size the patch divides), else a ValueError."""
+    if img.ndim != 4 or img.shape[1] != cfg.in_chans or any(s % cfg.patch_size for s in img.shape[2:]):
         raise ValueError(
-            f"expected images of shape (B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got "
-            f"{tuple(img.shape)}: the PE has one row per patch of an img_size={cfg.img_size} image"
+            f"expected images (B, {cfg.in_chans}, H, W), H and W multiples of the patch size "
+            f"{cfg.patch_size}, got {tuple(img.shape)}"
         )
     return cfg
 
@@ -257,31 +257,42 @@ class VisionTransformer(nn.Module):
         """Parameters a trainer must not decay (DeiT): pos_embed, cls_token, biases and LayerNorms."""
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n in ("pos_embed", "cls_token")}
 
-    def layer_pos(self) -> list[torch.Tensor | None]:
+    def pos_at(self, grid: tuple[int, int], pos: torch.Tensor | None = None) -> torch.Tensor | None:
+        """pos_0 = pos (or another PE table, (1, N, D)) at an input's grid = (h, w) patches: the learned table
+        at the model's own grid; at another, its patch rows (a class slot set aside) resized bicubically with
+        align_corners=False, as ViT-Adapter does (and timm's dynamic_img_size, which antialiases a shrink)."""
+        pos, side = self.pos_embed if pos is None else pos, self.cfg.img_size // self.cfg.patch_size
+        if pos is None or tuple(grid) == (side, side):
+            return pos  # no interpolation: bit-identical to the model as trained
+        slot = pos.shape[1] - side * side  # 1 with a class token
+        patches = rearrange(pos[:, slot:], "1 (h w) d -> 1 d h w", h=side)
+        patches = F.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :slot], rearrange(patches, "1 d h w -> 1 (h w) d")], dim=1)
+
+    def layer_pos(self, pos_0: torch.Tensor | None) -> list[torch.Tensor | None]:
         """The PE each layer l receives, (1, N, D), or None: Eqs. (6)-(7), (9)-(10) and Table 6.
 
         Eq. (7) (LaPE): pos_l = LN'_{l-1}(pos_{l-1}) and layer l receives LN'_l(pos_l). Eq. (10) (PVG):
         pos_l = LN'_l(pos_{l-1}) and layer l receives pos_l. Both say: each receiving layer applies its
-        own LN'_l to what the previous receiving layer received, starting from pos_0 = pos.
+        own LN'_l to what the previous receiving layer received, starting from pos_0 (pos_at the input).
 
         pos is input-independent, so this runs once per forward on one (1, N, D) tensor, not per sample.
         """
-        received, pos = [], self.pos_embed  # pos_0 = pos
+        received, pos = [], pos_0
         for block in self.blocks:
             if block.pe_norm is None:
                 received.append(None)
                 continue
-            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else self.pos_embed)  # Eq. (7)/(10); Table 6
+            pos = block.pe_norm(pos if self.cfg.pe_hierarchical else pos_0)  # Eq. (7)/(10); Table 6
             received.append(pos)
         return received
 
-    def embed(self, img: torch.Tensor) -> torch.Tensor:
+    def embed(self, img: torch.Tensor, pos_0: torch.Tensor | None) -> torch.Tensor:
         """Images (B, C, H, W) -> x_0, the tokens entering layer 0 (B, N, D), a class token first."""
-        cfg = check_images(img, self.cfg)
         x = self.patch_embed(img)  # [p^1; ...; p^N], (B, N, D)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [x_cls; p^1; ...; p^N]
-        return x + self.pos_embed if cfg.pe_input else x  # Eq. (1)/(8): x_0; without it, Eq. (5)
+        return x + pos_0 if self.cfg.pe_input else x  # Eq. (1)/(8): x_0; without it, Eq. (5)
 
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> y, the Last LN's output tokens (B, N, D).
@@ -290,17 +301,22 @@ class VisionTransformer(nn.Module):
         x_l entering each layer (B, N, D); `pos`, the PE each layer received (1, N, D) or None;
         `pre_norm`, x_{L+1} before the Last LN; `post_norm`, y after it (Eq. 11 included).
         """
-        x, pos, tokens = self.embed(img), self.layer_pos(), []
+        cfg = check_images(img, self.cfg)
+        # Resize pos_0, then Eq. (7)/(10): ViT-Adapter's order, which the paper leaves open (vs each pos_l)
+        pos_0 = self.pos_at((img.shape[2] // cfg.patch_size, img.shape[3] // cfg.patch_size))
+        x, pos, tokens = self.embed(img, pos_0), self.layer_pos(pos_0), []
         for block, pos_l in zip(self.blocks, pos):
             tokens.append(x)
             x = block(x, pos_l)  # Eqs. (2)-(3), with (6) or (9) where pos_l is given
-        return self.last_ln(x, tokens, pos, trace)
+        return self.last_ln(x, tokens, pos, trace, pos_0=pos_0)
 
-    def last_ln(self, x, tokens: list, pos: list, trace: dict | None, **traced) -> torch.Tensor:
-        """x_{L+1} -> y through the Last LN, and the trace filled (Swin's forward ends here too)."""
+    def last_ln(self, x, tokens: list, pos: list, trace: dict | None, pos_0=None, **traced) -> torch.Tensor:
+        """x_{L+1} -> y through the Last LN, and the trace filled (Swin's forward ends here too); pos_0 at
+        the input's grid, where Eq. (11) reads it (None: pos_k's own, at the model's own grid)."""
         y = self.norm(x)  # Eq. (4): y = LN(x_{L+1})
         if self.last_pe_norm is not None:
-            y = y + self.last_pe_norm(self.pos_k(pos))  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
+            pos_k = self.pos_k(pos) if pos_0 is None or self.cfg.last_pe else pos_0  # Table 5, at the grid
+            y = y + self.last_pe_norm(pos_k)  # Eq. (11): y = LN(x_{L+1}) + LN(pos_k)
         if trace is not None:
             trace.update(tokens=tokens, pos=pos, pre_norm=x, post_norm=y, **traced)
         return y

@@ -697,13 +697,17 @@ def test_a_configuration_the_paper_rules_out_is_a_clear_error(kwargs, message):
 
 
 def test_an_unknown_preset_and_a_wrong_image_size_are_clear_errors():
-    """The presets of Tables 1-2 by name; the image size the PE was built for (a row per patch, Eq. 1)."""
+    """The presets of Tables 1-2 by name; images of any size that the patch divides (N = HW / P^2, Eq. 1),
+    anything else one ValueError line."""
     with pytest.raises(ValueError, match="unknown model preset 'deit_huge': choose one of deit_tiny"):
         create_model("deit_huge")
     model = create_model("deit_tiny", depth=1)
-    for shape in [(2, 3, 32, 32), (2, 1, 224, 224), (2, 3, 224, 200)]:
-        with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got"):
+    for shape in [(2, 1, 224, 224), (2, 3, 224, 200), (2, 3, 40, 32), (3, 224, 224)]:
+        with pytest.raises(
+            ValueError, match=r"expected images \(B, 3, H, W\), H and W multiples of the patch"
+        ) as e:
             model(torch.zeros(shape))
+        assert "\n" not in str(e.value) and str(tuple(shape)) in str(e.value)
 
 
 def test_load_model_rebuilds_a_checkpoint_of_train_py():
@@ -715,3 +719,107 @@ def test_load_model_rebuilds_a_checkpoint_of_train_py():
     img = torch.randn(2, 3, 16, 16)
     assert not loaded.training and loaded.cfg == model.cfg
     torch.testing.assert_close(loaded(img), model(img), rtol=0, atol=0)
+
+
+# Any image size that the patch divides: the dense half (Tables 3-4, ViT-Adapter)
+
+
+def resized(pos, side, grid):
+    """pos's patch rows, a side x side grid, resized to grid bicubically (align_corners=False), written
+    out here; the class slot, if any, kept in front."""
+    slot = pos.shape[1] - side * side
+    patches = pos[:, slot:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :slot], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+def chain(model, pos_0):
+    """{l: the PE layer l receives} from pos_0, by Eq. (7) (LaPE: layer l gets LN'_l(pos_l), pos_{l+1} =
+    LN'_l(pos_l)), Eq. (10) (PVG: layer l >= 1 gets pos_l = LN'_l(pos_{l-1})) or Table 6's LN'_l(pos_0)."""
+    cfg, received, pos_l = model.cfg, {}, pos_0
+
+    def ln(t, l):
+        norm = model.blocks[l].pe_norm
+        return F.layer_norm(t, t.shape[-1:], norm.weight, norm.bias, cfg.norm_eps)
+
+    for l in receiving_layers(cfg.pe_layers, cfg.depth):
+        received[l] = pos_l = ln(pos_l if cfg.pe_hierarchical else pos_0, l)
+    return received
+
+
+@pytest.mark.parametrize("mode", PE_MODES)
+def test_at_img_size_nothing_is_resized_and_the_output_is_todays_bit_for_bit(mode, monkeypatch):
+    """At its own img_size the model reads pos_embed itself, the learned table (F.interpolate is never
+    called): x_0 = patches + pos_embed, each layer's PE the chain of pos_embed, Eq. (11)'s LN(pos_k) from
+    it, so that the output is, bit for bit, that of the forward that knew one size only."""
+    model = randomise(create_model("deit_tiny", pe=mode, img_size=32, dim=8, heads=2, depth=3)).eval()
+    img = torch.randn(2, 3, 32, 32)
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: pytest.fail("F.interpolate at img_size"))
+    assert model.pos_at((2, 2)) is model.pos_embed
+    x, pos = model.embed(img, model.pos_embed), model.layer_pos(model.pos_embed)
+    for block, pos_l in zip(model.blocks, pos):
+        x = block(x, pos_l)
+    y = model.last_ln(x, [], pos, None)  # pos_0 not given: Eq. (11) reads pos_k(pos), pos_embed for k = 0
+    torch.testing.assert_close(model.forward_features(img), y, rtol=0, atol=0)
+
+
+@given(configs(), st.data())
+def test_at_another_size_each_layer_gets_the_chain_of_the_resized_pos_0(kw, data):
+    """Any H x W that the patch divides, square or not: pos_0 is resized (its class slot set aside), x_0 gets
+    it (Eq. 1/8), every layer's PE follows from it by Eq. (7)/(10) (Table 6's LN'_l(pos_0) when not
+    hierarchical), and Eq. (11) adds LN(pos_k) of that chain: a literal reading at the input's grid."""
+    model = build(kw)
+    cfg = model.cfg
+    grid = data.draw(st.tuples(st.integers(1, 4), st.integers(1, 4)), label="grid")
+    img = torch.randn(
+        2, cfg.in_chans, grid[0] * cfg.patch_size, grid[1] * cfg.patch_size, dtype=torch.float64
+    )
+    trace = {}
+    y = model.forward_features(img, trace)
+    assume(model.pos_embed is not None)
+    pos_0 = resized(model.pos_embed, cfg.img_size // cfg.patch_size, grid)
+    received = chain(model, pos_0)
+    assert [l for l, p in enumerate(trace["pos"]) if p is not None] == list(received)
+    for l, p in received.items():
+        torch.testing.assert_close(trace["pos"][l], p, rtol=1e-12, atol=1e-12)
+    patches = rearrange(model.patch_embed.proj(img), "b d h w -> b (h w) d")
+    if cfg.pe_input:
+        torch.testing.assert_close(
+            trace["tokens"][0][:, cfg.pool == "cls" :], patches + pos_0[:, cfg.pool == "cls" :]
+        )
+    if cfg.last_pe is not None:
+        pos_k = pos_0 if cfg.last_pe == 0 else received[cfg.last_pe]
+        eq11 = F.layer_norm(
+            pos_k, (cfg.dim,), model.last_pe_norm.weight, model.last_pe_norm.bias, cfg.norm_eps
+        )
+        torch.testing.assert_close(
+            y - model.norm(trace["pre_norm"]), eq11.expand_as(y), rtol=1e-12, atol=1e-12
+        )
+
+
+@given(configs(), st.integers(1, 4))
+def test_at_another_square_size_the_logits_are_the_literal_reading_with_the_resized_pe(kw, side):
+    """Eqs. (1)-(11) read literally (reference_logits) by a model built for the new size whose pos_embed is
+    the resized table: the model run at that size gives the same logits."""
+    model = build(kw)
+    new = build({**kw, "img_size": side * model.cfg.patch_size})
+    state = model.state_dict()
+    if model.pos_embed is not None:
+        state["pos_embed"] = resized(
+            model.pos_embed, model.cfg.img_size // model.cfg.patch_size, (side, side)
+        )
+    new.load_state_dict(state)
+    img = images(new)
+    torch.testing.assert_close(model(img), reference_logits(new, img), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", PE_MODES)
+def test_every_mode_runs_at_non_square_sizes(mode):
+    """Detection's inputs are not square: (B, 3, H, W) -> tokens (B, HW / P^2 (+1), D), logits (B, K)."""
+    model = create_model("deit_tiny", pe=mode, img_size=32, dim=8, heads=2, depth=3, num_classes=5)
+    for h, w in [(16, 48), (64, 32), (48, 80)]:
+        trace = {}
+        y = model.forward_features(torch.randn(2, 3, h, w), trace)
+        n = h * w // 256 + (model.cfg.pool == "cls")
+        assert y.shape == (2, n, 8) and model.forward_head(y).shape == (2, 5)
+        assert all(p is None or p.shape == (1, n, 8) for p in trace["pos"])

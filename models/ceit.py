@@ -129,4 +129,5 @@ class CeiT(VisionTransformer):
         """LCA, then mpvg.py's Last LN on LCA's one token (B, 1, D; N rows once Eq. (11) adds LN(pos_k));
         `layers` in the trace: the token each layer hands to LCA, its class token or its token mean."""
         layers = torch.stack([self.pool(x_l) for x_l in (*tokens[1:], x)], dim=1)  # x_1 .. x_{L+1}, pooled
-        return super().last_ln(self.lca(layers + self.pos_layer_embed), tokens, pos, trace, layers=layers)
+        lca = self.lca(layers + self.pos_layer_embed)
+        return super().last_ln(lca, tokens, pos, trace, layers=layers, **traced)  # traced: pos_0 at the grid

@@ -238,6 +238,10 @@ class SwinTransformer(nn.Module):
     def forward_features(self, img: torch.Tensor, trace: dict | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> y, the Last LN's output on the last grid (B, H', W', C'); trace as ViT's."""
         cfg = check_images(img, self.cfg)
+        if img.shape[2:] != (cfg.img_size,) * 2:  # its stages' grids and windows are built for one size
+            raise ValueError(
+                f"Swin reads images of its img_size, {cfg.img_size} px, alone: got {tuple(img.shape)}"
+            )
         x, pos, tokens = self.patch_embed(img), self.layer_pos(), []
         if cfg.pe_input:
             x = x + self.pos_0()  # Eq. (1)/(8)

@@ -587,3 +587,19 @@ def test_ceits_lca_reads_each_layers_class_token_or_token_mean(pe):
     layers = torch.stack([out[:, 0] if pool == "cls" else out.mean(dim=1) for out in outputs], dim=1)
     torch.testing.assert_close(handed[0], layers + model.pos_layer_embed)
     torch.testing.assert_close(trace["layers"], layers)
+
+
+def test_ceit_reads_another_size_with_its_pe_there_and_swin_refuses_one():
+    """CeiT at twice its img_size: Eq. (11)'s LN(pos_0) is the PE resized to that grid, one row per patch
+    there; Swin, whose windows and stages are built for one grid, says so in one line."""
+    ceit, img = tiny("ceit_tiny", pe="mpvg"), torch.randn(2, 3, 64, 64)
+    trace = {}
+    ceit.forward_features(img, trace=trace)
+    pos_0 = ceit.pos_at((4, 4))  # 64 px in patches of 16
+    torch.testing.assert_close(
+        trace["post_norm"] - ceit.norm(trace["pre_norm"]), ceit.last_pe_norm(pos_0).expand(2, -1, -1)
+    )
+    with pytest.raises(
+        ValueError, match="Swin reads images of its img_size, 32 px, alone: got .2, 3, 64, 64."
+    ):
+        tiny("swin_tiny")(img)
