@@ -97,8 +97,9 @@ def save(path: Path, obj):
         raise
 
 
-def damaged_fields(ckpt: dict) -> list[str]:
-    """The fields of a checkpoint that are not of the kind train.py writes."""
+def damaged_fields(ckpt: dict, score: str = "val_top1") -> list[str]:
+    """The fields of a checkpoint that are not of the kind train.py writes (in its history each epoch's number
+    and `score`: train.py's val_top1, or another program's)."""
     weights = lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values())  # noqa: E731
     has = lambda v, keys: isinstance(v, dict) and set(keys) <= set(v)  # noqa: E731
     history = ckpt["history"]
@@ -109,13 +110,13 @@ def damaged_fields(ckpt: dict) -> list[str]:
         optimizer=has(ckpt["optimizer"], ["state", "param_groups"]),
         epoch=type(ckpt["epoch"]) is int and ckpt["epoch"] >= 0,
         args=isinstance(ckpt["args"], dict),
-        history=isinstance(history, list) and all(has(m, ["epoch", "val_top1"]) for m in history),
+        history=isinstance(history, list) and all(has(m, ["epoch", score]) for m in history),
         data=has(ckpt["data"], ["train", "val", "classes"]),
     )
     return [field for field, ok in kind.items() if not ok]
 
 
-def read(path: Path, mmap: bool = False, of_a_run: bool = True) -> dict:
+def read(path: Path, mmap: bool = False, of_a_run: bool = True, score: str = "val_top1") -> dict:
     """A checkpoint verified: each zip member's bytes against its CRC-32, loaded with weights_only=True (so
     no pickled code runs), and of_a_run: every field of train.py's, each of its kind. Else a UserError that
     names the file and, in a run's folder, the other checkpoint to fall back to. mmap: its tensors are
@@ -148,7 +149,7 @@ def read(path: Path, mmap: bool = False, of_a_run: bool = True) -> dict:
             f"no {', '.join(sorted(fields - set(ckpt)))}" if isinstance(ckpt, dict) else type(ckpt).__name__
         )
         raise UserError(f"{path} is not a checkpoint of train.py ({held}): pass its checkpoint.pt or best.pt")
-    if of_a_run and (wrong := damaged_fields(ckpt)):
+    if of_a_run and (wrong := damaged_fields(ckpt, score)):
         raise UserError(
             f"{path} is damaged or hand-edited: its {', '.join(wrong)} not as train.py writes{other}"
         )
@@ -165,19 +166,21 @@ def newest(folder: Path) -> tuple[Path, int] | None:
     return max(epochs.items(), key=lambda item: item[1], default=None)
 
 
-def resume(given: dict, out: Path) -> tuple[Path, dict] | None:
+def resume(
+    given: dict, out: Path, may_change: set = MAY_CHANGE, score: str = "val_top1"
+) -> tuple[Path, dict] | None:
     """The checkpoint that a run given these flags goes on from, read once, and its path: --resume PATH,
     or for --resume auto the newest in `out` (None in a folder of no run). Refused in one line: a flag
-    outside MAY_CHANGE given anew (an evaluation: a model flag), a resume that would write outside its
+    outside may_change given anew (an evaluation: a model flag), a resume that would write outside its
     run's folder, over another run's checkpoint, or over a newer epoch of its own run."""
     auto, evaluating = given["resume"] == "auto", given.get("eval_only", False)
     folder = out if auto else Path(given["resume"]).parent
-    run = {p: read(p, mmap=True) for p in (folder / n for n in NAMES) if auto and p.exists()}
+    run = {p: read(p, mmap=True, score=score) for p in (folder / n for n in NAMES) if auto and p.exists()}
     path = max(run, key=lambda p: run[p]["epoch"], default=None) if auto else Path(given["resume"])
     if path is None:
         return None
-    ckpt = run.get(path) or read(path, mmap=True)
-    fixed = {"model", "pe", *MODEL_FLAGS} if evaluating else set(given) - MAY_CHANGE
+    ckpt = run.get(path) or read(path, mmap=True, score=score)
+    fixed = {"model", "pe", *MODEL_FLAGS} if evaluating else set(given) - may_change
     for key in (k for k in fixed & set(given) if given[k] != ckpt["args"].get(k)):
         raise UserError(
             f"--{key.replace('_', '-')} differs from the checkpoint's, which a resume keeps: drop it"
@@ -188,10 +191,10 @@ def resume(given: dict, out: Path) -> tuple[Path, dict] | None:
         raise UserError(f"a resume writes into its run's own folder, {path.parent}: drop --output-dir")
     for other in (path.parent / n for n in NAMES if n != path.name):
         try:
-            theirs = run.get(other) or read(other, mmap=True)
+            theirs = run.get(other) or read(other, mmap=True, score=score)
         except UserError:
             continue  # none, or a damaged one: written over, nothing of it is lost
-        if any(theirs["args"].get(k) != v for k, v in ckpt["args"].items() if k not in MAY_CHANGE):
+        if any(theirs["args"].get(k) != v for k, v in ckpt["args"].items() if k not in may_change):
             raise UserError(
                 f"{path.parent} holds another run ({other.name}): resume a checkpoint in its own run's folder"
             )
@@ -218,12 +221,12 @@ def claim(out: Path, resuming: bool):
         ) from None
 
 
-def save_epoch(out: Path, args, state: dict, epoch: int):
-    """The epoch's checkpoint (and best.pt, if its top-1, the history's last, is the best yet: first, so
+def save_epoch(out: Path, args, state: dict, epoch: int, score: str = "val_top1"):
+    """The epoch's checkpoint (and best.pt, if its score, the history's last, is the best yet: first, so
     that checkpoint.pt never names a best epoch whose file is not there), then metrics.jsonl, each written
     whole."""
     history = state["history"]
-    is_best = history[-1]["val_top1"] > max((m["val_top1"] for m in history[:-1]), default=-1.0)
+    is_best = history[-1][score] > max((m[score] for m in history[:-1]), default=-1.0)
     model, ema, optimizer, cfg = state["model"], state["ema"], state["optimizer"], state["cfg"]
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, data=state["data"])
     ckpt |= dict(ema=ema.state_dict() if ema else None, args=vars(args), history=history)

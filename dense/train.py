@@ -1,0 +1,328 @@
+"""Train Mask R-CNN on COCO (paper Table 3) or UperNet on ADE20K (Table 4), each on ViT-Adapter-Ti over
+mpvg.py's ViT in any PE mode, with the recipes of Tables 8-9 as ViT-Adapter's configs give them.
+
+    python -m dense.train --task coco --data synthetic       # a tiny COCO, written and read: minutes on a CPU
+    python -m dense.train --task ade20k --data synthetic     # a tiny ADE20K alike
+    torchrun --standalone --nproc_per_node=8 -m dense.train --task coco --data-path data/coco \\
+        --finetune runs/mpvg/best.pt --pe mpvg --output-dir runs/coco-mpvg       # Table 3's recipe
+    python -m dense.train --task coco --resume auto --output-dir runs/coco-mpvg  # go on where it stopped
+
+A run is a number of optimizer steps (coco: --epochs of its data; ade20k: --iters), evaluated and saved every
+--eval-every steps (coco: each epoch). run() tells the story; training/ keeps the checkpoints whole, reads a
+resume by its rules, and turns an interrupt into exit 130 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import mpvg
+from dense import data, detection, evaluate, segmentation
+from dense.adapter import build_adapter, load_backbone
+from training import UserError, checkpoint, engine, flags, say
+from training.data import DataError, seed_of
+from training.flags import COUNT, FRACTION, LR, NATURAL, NON_NEGATIVE, RATE, SEED, Parser, boolean, path
+
+MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
+RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py, MMDetection's schedule_3x)
+    "coco": dict(
+        model="mask_rcnn", data_path="data/coco", epochs=36, iters=None, eval_every=None, batch_size=16,
+        lr=1e-4, weight_decay=0.05, decay_pos_embed=False, layer_decay=1.0, schedule="step",
+        lr_steps=[27, 33], warmup_iters=500, warmup_ratio=1e-3, crop=1024, drop_path=0.1, window_attn=True,
+    ),  # Table 9 (ViT-Adapter's upernet_deit_adapter_tiny_512_160k_ade20k.py)
+    "ade20k": dict(
+        model="upernet", data_path="data/ade/ADEChallengeData2016", epochs=None, iters=160_000,
+        eval_every=16_000, batch_size=16, lr=12e-5, weight_decay=0.01, decay_pos_embed=True, layer_decay=0.95,
+        schedule="poly", lr_steps=[], warmup_iters=1500, warmup_ratio=1e-6, crop=512, drop_path=0.1,
+        window_attn=False,
+    ),
+}  # fmt: skip
+SYNTHETIC = dict(epochs=2, iters=None, eval_every=None, batch_size=2, warmup_iters=4, crop=128)  # CPU: 1
+SCORES = {"coco": "box_ap", "ade20k": "miou"}  # what picks best.pt
+DEFAULTS = dict(
+    data="folder", synthetic_size=16, pe="mpvg", finetune=None, dim=192, depth=12, heads=3, head_width=256,
+    seed=0, output_dir="runs/dense", resume=None, workers=min(8, os.cpu_count() or 1), log_every=50,
+    accum_steps=1,  # engine.join's: one micro-batch a step
+)  # fmt: skip
+MAY_CHANGE = {*"resume output_dir epochs iters lr data_path workers log_every".split()}
+CROP = flags.typed(
+    int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32"
+)  # the adapter's coarsest stride
+
+
+def build_parser() -> argparse.ArgumentParser:
+    anew = ", ".join(f"--{k.replace('_', '-')}" for k in sorted(MAY_CHANGE - {"resume"}))
+    about = f"[...]: the default, or each task's value. A resume keeps every flag but {anew}."
+    p = Parser("dense.train", description=about, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+
+    def add(name: str, help: str, **kw):  # the help ends in the default, or in each task's value
+        key = name[2:].replace("-", "_")
+        shown = "; ".join(f"{t}: {r[key]}" for t, r in RECIPES.items()) if key in RECIPES["coco"] else None
+        shown = shown or DEFAULTS.get(key)
+        p.add_argument(name, help=f"{help} [{shown}]" if shown is not None else help, **kw)
+
+    add("--task", "coco: Mask R-CNN, box AP; ade20k: UperNet, mIoU", choices=list(RECIPES), required=True)
+    add("--data", "folder: --data-path; synthetic: a tiny set of its format", choices=["folder", "synthetic"])
+    add("--data-path", "the task's standard folder", type=path)
+    add("--synthetic-size", "--data synthetic's training images (a quarter as many to score)", type=COUNT)
+    add("--pe", "the ViT's PE mode", choices=list(mpvg.PE_MODES))
+    add("--finetune", "the ViT's weights: train.py's (of --pe's mode), DeiT's or timm's", type=path)
+    add("--dim", "ViT-Adapter-Ti's width (a test's: smaller)", type=COUNT)
+    add("--depth", "its blocks", type=COUNT)
+    add("--heads", "its attention heads", type=COUNT)
+    add("--window-attn", "14 x 14 window attention in 8 of the 12 blocks", type=boolean)
+    add("--drop-path", "the ViT's stochastic depth", type=RATE)
+    add("--head-width", "FPN and mask head (box MLP: 4x; UperNet: 2x, its FCN: 1x)", type=COUNT)
+    add("--epochs", "the run's length in passes over the training set, unless --iters", type=COUNT)
+    add("--iters", "the run's length in optimizer steps", type=COUNT)
+    add("--eval-every", "steps between evaluations, each saved (None: an epoch's)", type=COUNT)
+    add("--batch-size", "global batch, split over the processes", type=COUNT)
+    add("--lr", "peak learning rate", type=LR)
+    add("--weight-decay", "AdamW's, never on 1-D weights", type=NON_NEGATIVE)
+    add("--decay-pos-embed", "weight decay on pos_embed and level_embed too", type=boolean)
+    add("--layer-decay", "block i's lr x this ** (depth - i), the embeddings' one power more", type=FRACTION)
+    add("--warmup-iters", "linear warmup steps", type=NATURAL)
+    add("--crop", "training crop side; every resize and window scales with it", type=CROP)
+    add("--seed", "initialisation, data order and augmentation", type=SEED)
+    add("--output-dir", "the run's checkpoints and metrics.jsonl", type=path)
+    add("--resume", "go on with a run: auto (the newest in --output-dir) or PATH", type=path)
+    add("--workers", "loader workers per process", type=NATURAL)
+    add("--log-every", "steps between progress lines", type=COUNT)
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None]:
+    """The run's flags: the defaults, the task's recipe (on a resume: the checkpoint's flags), the command
+    line's; and on a resume the checkpoint it goes on from, and its path."""
+    given = vars(build_parser().parse_args(argv))
+    if "finetune" in given and given.get("resume", "auto") != "auto":
+        raise UserError("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
+    out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
+    resumed = given.get("resume") and checkpoint.resume(given, out, MAY_CHANGE, SCORES[given["task"]])
+    if resumed:
+        return argparse.Namespace(**resumed[1]["args"] | given), resumed
+    if given.get("resume"):
+        say(f"--resume auto: no checkpoint in {out}, starting a new run")
+    recipe = RECIPES[given["task"]] | (SYNTHETIC if given.get("data") == "synthetic" else {})
+    return argparse.Namespace(**DEFAULTS | recipe | given | dict(resume=None)), None
+
+
+def param_groups(model, args) -> list[dict]:
+    """AdamW's parameter groups: no weight decay on 1-D weights (biases, norms, the injectors' gamma) nor,
+    unless --decay-pos-embed, on pos_embed and level_embed; layer-wise lr decay as BEiT's and ViT-Adapter's
+    (num_layers = depth + 2): the ViT's embeddings are layer 0, its block i layer i + 1, all else (adapter,
+    heads) layer depth + 1, and layer k's lr is --lr x layer_decay ** (depth + 1 - k)."""
+    vit = next(m for m in model.modules() if isinstance(m, mpvg.VisionTransformer))
+    depth, groups = len(vit.blocks), {}
+    layer = {p: i + 1 for i, block in enumerate(vit.blocks) for p in block.parameters()}
+    layer |= {p: 0 for p in [*vit.patch_embed.parameters(), vit.pos_embed, vit.cls_token] if p is not None}
+    for name, p in model.named_parameters():
+        decayed = p.ndim > 1 and (args.decay_pos_embed or not name.endswith(("pos_embed", "level_embed")))
+        k = layer.get(p, depth + 1)
+        scales = dict(weight_decay=args.weight_decay * decayed, lr_scale=args.layer_decay ** (depth + 1 - k))
+        groups.setdefault((k, decayed), dict(params=[], **scales))["params"].append(p)
+    return list(groups.values())
+
+
+def lr_at(step: int, args, total: int, per_epoch: int) -> float:
+    """MMCV's schedules by step: "step" (x 0.1 from each epoch of lr_steps on) or "poly" (power 1, to 0 at the
+    last step), each times a linear warmup over --warmup-iters steps from warmup_ratio."""
+    if args.schedule == "step":
+        lr = args.lr * 0.1 ** sum(step >= epoch * per_epoch for epoch in args.lr_steps)
+    else:
+        lr = args.lr * (1 - step / total)
+    if step < args.warmup_iters:
+        lr *= 1 - (1 - step / args.warmup_iters) * (1 - args.warmup_ratio)
+    return lr
+
+
+def to(device, batch):
+    """A batch's tensors on the device: a stack (ade20k), or lists of images and of target dicts (coco)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to(device, v) for k, v in batch.items()}
+    return [to(device, x) for x in batch]
+
+
+def train_steps(model, loader, optimizer, args, steps: range, schedule, device, world: int) -> float:
+    """The optimizer steps of `steps` (loader: their batches), their mean loss over every process. A bar
+    on a terminal, a line every --log-every steps; a loss that is not finite there: FloatingPointError."""
+    model.train()
+    total, start = torch.zeros((), device=device, dtype=torch.float64), time.perf_counter()
+    bar = tqdm(total=len(steps), desc=f"steps to {steps.stop}", leave=False, disable=None if MASTER else True)
+    for step, (images, targets) in zip(steps, loader):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step) * group["lr_scale"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = model(to(device, images), to(device, targets))  # the head's losses, weighted
+        loss = sum(losses.values())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total, _ = total + loss.detach(), bar.update()
+        if (step + 1) % args.log_every == 0:  # the loop's only waits for the device
+            current = engine.all_reduce(loss.detach().clone()).item() / world
+            if not math.isfinite(current):
+                raise FloatingPointError(f"the loss became {current} at step {step + 1}")
+            parts = "  ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
+            rate = (step + 1 - steps.start) * args.batch_size / (time.perf_counter() - start)
+            if MASTER:
+                bar.write(f"step {step + 1}  loss {current:.4f} ({parts})  {rate:.1f} img/s", sys.stdout)
+    bar.close()
+    return engine.all_reduce(total).item() / (world * len(steps))
+
+
+def build_model(args, classes: list[str], ckpt: dict | None):
+    """The task's model on ViT-Adapter (the same in every process), with the checkpoint's weights, or the
+    ViT's from --finetune."""
+    torch.manual_seed(args.seed)
+    config = dict(dim=args.dim, depth=args.depth, heads=args.heads, drop_path=args.drop_path)
+    adapter = build_adapter(args.pe, args.window_attn, **config)
+    if args.finetune and not ckpt:
+        weights = checkpoint.read(args.finetune, of_a_run=False)
+        if (trained := (weights.get("model_config") or {}).get("pe", args.pe)) != args.pe:
+            raise UserError(
+                f"--finetune {args.finetune} was trained with --pe {trained}: give --pe {trained}"
+            )
+        try:
+            notes = load_backbone(adapter, weights)
+        except ValueError as e:  # weights of another model
+            raise UserError(f"--finetune {args.finetune} {e}") from None
+        say(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
+    if args.task == "coco":
+        model = detection.build_mask_rcnn(adapter, len(classes) + 1, args.crop, args.head_width)
+    else:
+        model = segmentation.Segmenter(adapter, len(classes), 2 * args.head_width, args.head_width)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    return model
+
+
+def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> dict:
+    args, resumed = parse(argv)
+    path, ckpt = resumed or (None, None)
+    del resumed  # run() alone holds the checkpoint, so that it is freed once applied
+    out = where["out"] = path.parent if path else Path(args.output_dir)
+    where["task"], device = args.task, engine.join(args, world)
+    root = scratch if args.data == "synthetic" else Path(args.data_path)
+    if args.data == "synthetic":
+        sizes = (args.synthetic_size, max(args.synthetic_size // 4, 1))
+        (data.write_coco if args.task == "coco" else data.write_ade20k)(root, sizes, args.crop, args.seed)
+    load = data.load_coco if args.task == "coco" else data.load_ade20k
+    train_set, val_set, classes, coco = load(root, args.crop, args.seed)
+    described = dict(train=len(train_set), val=len(val_set), classes=classes)
+    if ckpt and (differ := [k for k in described if ckpt["data"][k] != described[k]]):
+        raise UserError(f"the data's {' and '.join(differ)} differ from the checkpoint's: use its data")
+    per_epoch = len(train_set) // args.batch_size
+    if per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images make no step of --batch-size {args.batch_size}")
+    total, every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
+    history = ckpt["history"] if ckpt else []
+    if (step := history[-1]["iter"] if history else 0) >= total:
+        raise UserError(f"nothing to train: the checkpoint holds step {step} of {total}; give more")
+
+    model = build_model(args, classes, ckpt)
+    if world > 1 and device.type == "cuda":  # MMCV's SyncBN (torch's is for GPUs)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, fused=device.type == "cuda")
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        del ckpt  # applied: not held for the rest of the run
+    if MASTER:
+        checkpoint.claim(out, resuming=bool(history))
+    batch = args.batch_size // world
+    sampler = data.Stream(len(train_set), batch, rank, world, args.seed)
+    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    kw |= dict(collate_fn=data.as_lists if args.task == "coco" else None)
+    train_loader = DataLoader(train_set, batch, sampler=sampler, **kw)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), 1, **kw)
+    params = sum(p.numel() for p in model.parameters())
+    say(
+        f"{args.task}: {args.model} on ViT-Adapter ({args.pe}), {params:,} parameters, {world} process(es) "
+        f"on {device.type}, {len(train_set)} training images, steps {step + 1}-{total} of {args.batch_size}"
+    )
+    state = dict(model=model, ema=None, optimizer=optimizer, history=history, data=described)
+    state["cfg"] = next(m for m in model.modules() if isinstance(m, mpvg.VisionTransformer)).cfg
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    schedule, score = (lambda s: lr_at(s, args, total, per_epoch)), SCORES[args.task]
+    while step < total:  # rounds of steps up to the next multiple of `every`, each evaluated and saved
+        steps, begin = range(step, min((step // every + 1) * every, total)), time.perf_counter()
+        torch.manual_seed(seed_of(args.seed, step, rank))  # drop path, the heads' sampling: no RNG to keep
+        sampler.steps = steps
+        loss = train_steps(ddp, train_loader, optimizer, args, steps, schedule, device, world)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss} by step {steps.stop}")
+        if args.task == "coco":
+            scores = evaluate.evaluate_coco(model, val_loader, device, coco)
+        else:
+            scores = evaluate.evaluate_ade20k(model, val_loader, device, len(classes), args.crop)
+        step, seconds = steps.stop, time.perf_counter() - begin
+        history.append(dict(epoch=len(history) + 1, iter=step, train_loss=loss, **scores))
+        history[-1].update(lr=schedule(step - 1), seconds=seconds)
+        if MASTER:
+            checkpoint.save_epoch(out, args, state, len(history) - 1, score)
+        say("  ".join(f"{k} {v:.4g}" for k, v in history[-1].items()))
+    best = max(history, key=lambda m: m[score])
+    return say(f"best {score} {best[score]:.2f} at step {best['iter']}: {out}/best.pt", best)
+
+
+def going_on(where: dict, argv: list[str], world: int) -> tuple[tuple[Path, int] | None, str]:
+    """The newest checkpoint of the run's folder (None before the first) and the command that goes on from
+    it, or, with none, starts the same run again."""
+    found = where.get("out") and checkpoint.newest(where["out"])
+    again = (
+        ["--task", where["task"], "--resume", "auto", "--output-dir", str(where["out"])] if found else argv
+    )
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}"
+    return found, f"{launcher} -m dense.train {shlex.join(again)}"
+
+
+def main(argv=None):
+    """The command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with exit 130
+    and one line that says what is saved and the command that goes on; a user's error is one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    world, where = int(os.environ.get("WORLD_SIZE", 1)), {}
+    with checkpoint.interrupts(), tempfile.TemporaryDirectory() as scratch:  # where --data synthetic goes
+        try:
+            return run(argv, int(os.environ.get("RANK", 0)), world, where, Path(scratch))
+        except KeyboardInterrupt:
+            found, again = going_on(where, argv, world)
+            said = (
+                f"{found[0]} holds evaluation {found[1] + 1}. Go on"
+                if found
+                else "nothing saved. Start again"
+            )
+            if MASTER:
+                print(f"\ndense.train: interrupted; {said}: {again}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
+            found, again = going_on(where, argv, world)
+            how = "Go on from the last checkpoint" if found else "Start again"
+            raise SystemExit(f"dense.train: error: {e}. {how} with a lower lr: {again} --lr LOWER") from None
+        except (UserError, DataError) as e:  # a DataError from a loader worker: its traceback's last line
+            said = str(e).strip().splitlines()[-1].split("DataError: ")[-1]
+            raise SystemExit(
+                f"dense.train: error: {said}" if MASTER or isinstance(e, DataError) else 1
+            ) from None
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The dense half (paper Tables 3-4, recipes Tables 8-9): COCO and ADE20K read from their real file formats,
+scored as pycocotools and MMSegmentation score them, each head trained, interrupted and resumed exactly, and
+every PE mode's position learnt through ViT-Adapter at a grid other than the pretraining one."""
+
+import re
+import shlex
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torchvision.io import write_jpeg, write_png
+from torchvision.transforms import v2
+
+from dense import data, evaluate
+from dense import train as dense_train
+from dense.adapter import build_adapter
+from dense.segmentation import IGNORE, Segmenter
+from mpvg import PE_MODES
+
+TINY = [  # a tiny ViT-Adapter, narrow heads, four 64 x 64 images to train on and one to score
+    *("--dim", "48", "--depth", "4", "--heads", "2", "--head-width", "16", "--crop", "64"),
+    *("--synthetic-size", "4", "--workers", "0"),
+]
+
+
+def test_coco_polygons_rle_and_crowds_load_and_the_ground_truth_scores_ap_100(tmp_path):
+    """COCO's three kinds of annotation (polygons, RLE, a crowd region in uncompressed RLE) load through
+    torchvision: crowds left out of training, COCO's sparse category ids (1, 3) as labels 1..C, each mask
+    inside its box; and the ground truth as Mask R-CNN's output, turned back into COCO's results, scores
+    box and mask AP 100 by COCOeval (the conversion loses nothing)."""
+    data.write_coco(tmp_path, sizes=(3, 3), side=64)
+    train, val, classes, coco = data.load_coco(tmp_path, crop=64, seed=0)
+    assert classes == ["square", "bar"] and (len(train), len(val)) == (3, 3)
+    for i in range(len(train)):
+        img, target = data.coco_objects(v2.Identity(), {1: 1, 3: 2}, *train.dataset[i])
+        assert target["labels"].tolist() == [1, 2]
+        for box, mask in zip(target["boxes"].tolist(), target["masks"]):
+            x1, y1, x2, y2 = (round(v) for v in box)
+            assert mask.sum() == mask[y1:y2, x1:x2].sum() > 0
+        img, target = train[(i, i)]  # augmented: float image, its masks and boxes on it
+        assert img.dtype == torch.float32 and target["masks"].shape[-2:] == img.shape[-2:]
+        assert set(target["labels"].tolist()) <= {1, 2}
+    results = []
+    for image_id in coco.getImgIds():
+        anns = [a for a in coco.imgToAnns[image_id] if not a["iscrowd"]]
+        masks = torch.stack([torch.from_numpy(coco.annToMask(a)).float() for a in anns])[:, None]
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+        labels = torch.tensor([data.categories(coco).index(a["category_id"]) + 1 for a in anns])
+        found = dict(boxes=boxes, labels=labels, scores=torch.ones(len(anns)), masks=masks)
+        results += evaluate.coco_results(image_id, found, data.categories(coco))
+        assert val[coco.getImgIds().index(image_id)][1] == image_id
+    assert evaluate.coco_ap(coco, results) == dict(box_ap=100.0, mask_ap=100.0)
+
+
+def test_ade20k_label_maps_load_with_reduce_zero_label(tmp_path):
+    """ADE20K's PNG label maps read as MMSegmentation's reduce_zero_label: "other" (0) becomes IGNORE and
+    class k (1..150) becomes k - 1; a training sample is the crop, padded with IGNORE where the image ends."""
+    for folder in ("images", "annotations"):
+        (tmp_path / folder / "training").mkdir(parents=True)
+    raw = torch.tensor([0, 1, 2, 150], dtype=torch.uint8).repeat_interleave(32).repeat(16, 1)  # (16, 128)
+    write_png(raw[None], str(tmp_path / "annotations/training/ADE_train_00000001.png"))
+    image = torch.full((3, 16, 128), 200, dtype=torch.uint8)
+    write_jpeg(image, str(tmp_path / "images/training/ADE_train_00000001.jpg"))
+    img, label = data.ADE20K(tmp_path, "training")[0]
+    assert img.shape == (3, 16, 128) and label.unique().tolist() == [0, 1, 149, IGNORE]
+    assert torch.equal(label == IGNORE, raw == 0)
+    torch.manual_seed(0)
+    img, label = data.ade_train(64, img, label)  # resized to 16..64 x 128..512 (512 x 2048 at 64 / 512)
+    padded = (img == 0).all(0)  # a normalised image is 0 only where padded
+    assert img.shape == (3, 64, 64) and label.shape == (64, 64) and padded.any()
+    assert (label[padded] == IGNORE).all() and (label[~padded] != IGNORE).any()
+
+
+@given(h=st.integers(1, 100), w=st.integers(1, 100), crop=st.integers(16, 64), part=st.floats(1 / 3, 1))
+def test_sliding_windows_count_every_pixel_once(h, w, crop, part):
+    """MMSegmentation's sliding-window inference covers every pixel and divides each pixel's sum by the
+    windows over it (crop x crop, any stride up to crop): a model that answers ones gives exactly ones (no
+    pixel missed or counted twice), and one that answers its window gives back the image (each window's
+    logits land where it lies; float sums of up to 9 windows: 1e-6)."""
+    img, stride = torch.rand(1, 3, h, w), max(int(crop * part), 1)
+    assert torch.equal(evaluate.slide(torch.ones_like, img, crop, stride), torch.ones_like(img))
+    assert torch.allclose(evaluate.slide(lambda x: x, img, crop, stride), img, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys, task):
+    """A step of each head, saved; an interrupt in the next ends with exit 130 and one line that names the
+    checkpoint and the command that goes on; that command (given more --iters) ends with the very weights
+    and optimizer state of a run never stopped: data order, augmentation, drop path and the heads' sampling
+    come from the seed and the step alone."""
+    flags = ["--task", task, "--data", "synthetic", *TINY, "--eval-every", "1", "--iters", "2"]
+    dense_train.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    step, seen = torch.optim.AdamW.step, []
+
+    def stepping(self, *args, **kwargs):
+        if len(seen) == 1:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", stepping)
+    with pytest.raises(SystemExit) as stopped:
+        dense_train.main([*flags, "--output-dir", str(tmp_path / "stopped")])
+    line = capsys.readouterr().err.strip()
+    assert (
+        stopped.value.code == 130 and "\n" not in line and "stopped/checkpoint.pt holds evaluation 1" in line
+    )
+    monkeypatch.undo()
+    dense_train.main(shlex.split(line.split("Go on: ")[1])[3:])  # python -m dense.train ...
+    a, b = (
+        torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("straight", "stopped")
+    )
+    assert [{**m, "seconds": 0} for m in a["history"]] == [{**m, "seconds": 0} for m in b["history"]]
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    states = [ckpt["optimizer"]["state"] for ckpt in (a, b)]
+    assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in states[0][i])
+
+
+def quadrants(n: int, side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise images and each pixel's quadrant (0 1 / 2 3): a label that no image content tells."""
+    half = torch.arange(side) >= side // 2
+    label = (2 * half[:, None] + half).expand(n, side, side)
+    return torch.randn(n, 3, side, side, generator=generator), label
+
+
+@pytest.mark.parametrize("pe", list(PE_MODES))
+def test_every_pe_mode_learns_position_at_another_grid(pe):
+    """UperNet on a tiny ViT-Adapter whose ViT was made for 32 px (a 2 x 2 grid, its PE resized to the 4 x 4
+    of 64 px images) learns each pixel's quadrant on noise in 20 steps: 85% of held-out pixels right, where
+    the commonest label scores 25% and one boundary alone 50%. pe="none" learns it too: ViT-Adapter's
+    convolutions and deformable sampling read zeros beyond the image, which tells where its edges are."""
+    torch.manual_seed(0)
+    adapter = build_adapter(pe, dim=48, depth=4, heads=2, img_size=32, drop_path=0.0)
+    model = Segmenter(adapter, 4, channels=32, aux_channels=16)
+    optimizer, g = torch.optim.AdamW(model.parameters(), lr=1e-3), torch.Generator().manual_seed(0)
+    for _ in range(20):
+        sum(model(*quadrants(4, 64, g)).values()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    img, label = quadrants(8, 64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model.eval()(img).argmax(1) == label).float().mean() > 0.85
+
+
+def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
+    """Table 8's schedule (x 0.1 from epochs 27 and 33; 500 warmup steps from 0.001 x) and Table 9's (1500
+    warmup steps from 1e-6 x, then linear to 0 at step 160k), and ViT-Adapter's segmentation groups: block
+    i at 0.95 ** (12 - i), the embeddings at 0.95 ** 13, the adapter and the heads at 1; no weight decay
+    on 1-D weights (its BEiT rule misses the prefixed pos_embed and level_embed, which it decays)."""
+    coco, ade = (dense_train.parse(["--task", task])[0] for task in ("coco", "ade20k"))
+    at = lambda args, step: dense_train.lr_at(step, args, total=160_000, per_epoch=100) / args.lr  # noqa: E731
+    assert [at(coco, s) for s in (0, 250, 2699, 2700, 3300)] == pytest.approx([1e-3, 0.5005, 1, 0.1, 0.01])
+    assert [at(ade, s) for s in (0, 1500, 80_000, 159_999)] == pytest.approx(
+        [1e-6, 1 - 1500 / 160_000, 0.5, 1 / 160_000]
+    )
+    model = Segmenter(build_adapter("mpvg"), 150)
+    groups = {id(p): g for g in dense_train.param_groups(model, ade) for p in g["params"]}
+    for name, p in model.named_parameters():  # as ViT-Adapter's names: backbone.vit.blocks.i, ...
+        if ".patch_embed." in name or name.endswith("pos_embed"):
+            layer = 0
+        elif ".blocks." in name:
+            layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
+        else:
+            layer = 13
+        assert groups[id(p)]["lr_scale"] == pytest.approx(0.95 ** (13 - layer)), name
+        assert groups[id(p)]["weight_decay"] == (0.01 if p.ndim > 1 else 0), name
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    """No COCO folder, an ADE20K folder without images, no pycocotools, a crop the adapter cannot take, no
+    --task: each a line that says what to give, and nothing written."""
+    for flags, said in [
+        (["--task", "coco", "--data-path", str(tmp_path)], f"no {tmp_path}/train2017/ or "),
+        (["--task", "ade20k", "--data-path", str(tmp_path)], f"no images in {tmp_path}/images/training"),
+        (
+            ["--task", "coco", "--data", "synthetic"],
+            "COCO needs pycocotools: pip install -r requirements-dense.txt",
+        ),
+    ]:
+        with (
+            monkeypatch.context() as m,
+            pytest.raises(SystemExit, match="^" + re.escape(f"dense.train: error: {said}")),
+        ):
+            if "synthetic" in flags:
+                m.setitem(sys.modules, "pycocotools", None)  # as if not installed
+            dense_train.main([*flags, "--output-dir", str(tmp_path / "run")])
+    for flags in (["--task", "coco", "--crop", "100"], []):
+        with pytest.raises(SystemExit) as refused:
+            dense_train.main(flags)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and err.count("\n") == 1 and "error: " in err
+    assert not (tmp_path / "run").exists()
