@@ -287,9 +287,16 @@ def write_coco(root: Path, sizes=(16, 8), side: int = 128, seed: int = 0):
                     segmentation = [[x, y, x + w, y, x + w, y + h, x, y + h]]
                 ann_id += 1
                 annotations.append(
-                    dict(id=ann_id, image_id=i + 1, category_id=category, segmentation=segmentation,
-                         area=h * w, bbox=[x, y, w, h], iscrowd=crowd)
-                )  # fmt: skip
+                    dict(
+                        id=ann_id,
+                        image_id=i + 1,
+                        category_id=category,
+                        segmentation=segmentation,
+                        area=h * w,
+                        bbox=[x, y, w, h],
+                        iscrowd=crowd,
+                    )
+                )
             images.append(dict(id=i + 1, file_name=f"{i + 1:012d}.jpg", height=side, width=side))
             write_jpeg(img, str(root / f"{split}2017" / images[-1]["file_name"]), quality=95)
         kinds = [dict(id=1, name="square"), dict(id=3, name="bar")]

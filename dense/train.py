@@ -39,24 +39,62 @@ from training.flags import COUNT, FRACTION, LR, NATURAL, NON_NEGATIVE, RATE, SEE
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
 RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py, MMDetection's schedule_3x)
     "coco": dict(
-        model="mask_rcnn", data_path="data/coco", epochs=36, iters=None, eval_every=None, batch_size=16,
-        lr=1e-4, weight_decay=0.05, decay_pos_embed=False, layer_decay=1.0, schedule="step",
-        lr_steps=[27, 33], warmup_iters=500, warmup_ratio=1e-3, crop=1024, drop_path=0.1, window_attn=True,
+        model="mask_rcnn",
+        data_path="data/coco",
+        epochs=36,
+        iters=None,
+        eval_every=None,
+        batch_size=16,
+        lr=1e-4,
+        weight_decay=0.05,
+        decay_pos_embed=False,
+        layer_decay=1.0,
+        schedule="step",
+        lr_steps=[27, 33],
+        warmup_iters=500,
+        warmup_ratio=1e-3,
+        crop=1024,
+        drop_path=0.1,
+        window_attn=True,
     ),  # Table 9 (ViT-Adapter's upernet_deit_adapter_tiny_512_160k_ade20k.py)
     "ade20k": dict(
-        model="upernet", data_path="data/ade/ADEChallengeData2016", epochs=None, iters=160_000,
-        eval_every=16_000, batch_size=16, lr=12e-5, weight_decay=0.01, decay_pos_embed=True, layer_decay=0.95,
-        schedule="poly", lr_steps=[], warmup_iters=1500, warmup_ratio=1e-6, crop=512, drop_path=0.1,
+        model="upernet",
+        data_path="data/ade/ADEChallengeData2016",
+        epochs=None,
+        iters=160_000,
+        eval_every=16_000,
+        batch_size=16,
+        lr=12e-5,
+        weight_decay=0.01,
+        decay_pos_embed=True,
+        layer_decay=0.95,
+        schedule="poly",
+        lr_steps=[],
+        warmup_iters=1500,
+        warmup_ratio=1e-6,
+        crop=512,
+        drop_path=0.1,
         window_attn=False,
     ),
-}  # fmt: skip
+}
 SYNTHETIC = dict(epochs=2, iters=None, eval_every=None, batch_size=2, warmup_iters=4, crop=128)  # CPU: 1
 SCORES = {"coco": "box_ap", "ade20k": "miou"}  # what picks best.pt
 DEFAULTS = dict(
-    data="folder", synthetic_size=16, pe="mpvg", finetune=None, dim=192, depth=12, heads=3, head_width=256,
-    seed=0, output_dir="runs/dense", resume=None, workers=min(8, os.cpu_count() or 1), log_every=50,
+    data="folder",
+    synthetic_size=16,
+    pe="mpvg",
+    finetune=None,
+    dim=192,
+    depth=12,
+    heads=3,
+    head_width=256,
+    seed=0,
+    output_dir="runs/dense",
+    resume=None,
+    workers=min(8, os.cpu_count() or 1),
+    log_every=50,
     accum_steps=1,  # engine.join's: one micro-batch a step
-)  # fmt: skip
+)
 MAY_CHANGE = {*"resume output_dir epochs iters lr data_path workers log_every".split()}
 CROP = flags.typed(
     int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32"
