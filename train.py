@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import sys
 import time
 from dataclasses import replace
@@ -37,22 +36,9 @@ def fail(message: str, every_rank: bool = False):
     raise SystemExit(f"train.py: error: {message}" if every_rank or MASTER else 1)
 
 
-def command(world: int, argv: list[str]) -> str:
-    """train.py's command with these flags, on as many processes a node as now."""
-    local = os.environ.get("LOCAL_WORLD_SIZE", world)  # the launcher's node flags are the user's to add
-    return f"{'python' if world == 1 else f'torchrun --nproc_per_node={local}'} train.py {shlex.join(argv)}"
-
-
-def going_on(out: Path | None, argv: list[str], world: int) -> tuple[tuple[Path, int] | None, str]:
-    """The newest checkpoint of the run's folder and its epoch (None before the first), and the command that
-    goes on from it (or, with none, starts the same run again)."""
-    found = out and checkpoint.newest(out)
-    return found, command(world, ["--resume", "auto", "--output-dir", str(out)] if found else argv)
-
-
 def interrupted(out: Path | None, argv: list[str], world: int) -> str:
     """What an interrupted run has saved, and the command that goes on from there (or starts it again)."""
-    found, again = going_on(out, argv, world)
+    found, again = checkpoint.going_on(out, argv, world, "train.py")
     if not found:
         return f"interrupted before its first checkpoint. Start again: {again}"
     return f"interrupted; {found[0]} holds epoch {found[1] + 1}. Go on: {again}"
@@ -130,7 +116,7 @@ def main(argv=None):
                 print(f"\ntrain.py: {interrupted(where.get('out'), argv, world)}", file=sys.stderr)
             raise SystemExit(130) from None
         except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            found, again = going_on(where["out"], argv, world)
+            found, again = checkpoint.going_on(where["out"], argv, world, "train.py")
             how = "Go on from the last checkpoint" if found else "Start again"
             fail(f"{e}; stopped before saving it. {how} with a lower lr: {again} --lr LOWER")
         except UserError as e:

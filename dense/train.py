@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -319,17 +318,6 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
     return say(f"best {score} {best[score]:.2f} at step {best['iter']}: {out}/best.pt", best)
 
 
-def going_on(where: dict, argv: list[str], world: int) -> tuple[tuple[Path, int] | None, str]:
-    """The newest checkpoint of the run's folder (None before the first) and the command that goes on from
-    it, or, with none, starts the same run again."""
-    found = where.get("out") and checkpoint.newest(where["out"])
-    again = (
-        ["--task", where["task"], "--resume", "auto", "--output-dir", str(where["out"])] if found else argv
-    )
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}"
-    return found, f"{launcher} -m dense.train {shlex.join(again)}"
-
-
 def main(argv=None):
     """The command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with exit 130
     and one line that says what is saved and the command that goes on; a user's error is one line."""
@@ -339,7 +327,9 @@ def main(argv=None):
         try:
             return run(argv, int(os.environ.get("RANK", 0)), world, where, Path(scratch))
         except KeyboardInterrupt:
-            found, again = going_on(where, argv, world)
+            found, again = checkpoint.going_on(
+                where.get("out"), argv, world, "-m dense.train", "--task", where.get("task")
+            )
             said = (
                 f"{found[0]} holds evaluation {found[1] + 1}. Go on"
                 if found
@@ -349,7 +339,9 @@ def main(argv=None):
                 print(f"\ndense.train: interrupted; {said}: {again}", file=sys.stderr)
             raise SystemExit(130) from None
         except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            found, again = going_on(where, argv, world)
+            found, again = checkpoint.going_on(
+                where.get("out"), argv, world, "-m dense.train", "--task", where.get("task")
+            )
             how = "Go on from the last checkpoint" if found else "Start again"
             raise SystemExit(f"dense.train: error: {e}. {how} with a lower lr: {again} --lr LOWER") from None
         except (UserError, DataError) as e:  # a DataError from a loader worker: its traceback's last line

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import tempfile
 import zipfile
@@ -164,6 +165,18 @@ def newest(folder: Path) -> tuple[Path, int] | None:
         with suppress(Exception):
             epochs[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     return max(epochs.items(), key=lambda item: item[1], default=None)
+
+
+def going_on(out: Path | None, argv: list[str], world: int, program: str, *keep: str):
+    """The newest checkpoint of a run's folder and its epoch (None before the first), and the command of
+    `program` that goes on from it (with the flags `keep`), or, with none, starts the same run again; on as
+    many processes a node as now (the launcher's node flags are the user's to add)."""
+    found = out and newest(out)
+    again = [*keep, "--resume", "auto", "--output-dir", str(out)] if found else argv
+    launcher = (
+        "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    )
+    return found, f"{launcher} {program} {shlex.join(again)}"
 
 
 def resume(
