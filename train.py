@@ -22,26 +22,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from training import UserError, checkpoint, data, engine, flags, say
+from training import checkpoint, data, engine, flags, say
 from training.mixing import Mixing
 
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
-
-
-def fail(message: str, every_rank: bool = False):
-    """A user's error: one line, no traceback, from rank 0 alone unless only this rank met it."""
-    raise SystemExit(f"train.py: error: {message}" if every_rank or MASTER else 1)
-
-
-def interrupted(out: Path | None, argv: list[str], world: int) -> str:
-    """What an interrupted run has saved, and the command that goes on from there (or starts it again)."""
-    found, again = checkpoint.going_on(out, argv, world, "train.py")
-    if not found:
-        return f"interrupted before its first checkpoint. Start again: {again}"
-    return f"interrupted; {found[0]} holds epoch {found[1] + 1}. Go on: {again}"
 
 
 def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
@@ -103,29 +89,9 @@ def run(argv: list[str], rank: int, world: int, where: dict) -> dict:
 
 
 def main(argv=None):
-    """Run train.py's command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it
-    with exit 130 and one line that says what is saved and the command that goes on."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    where = {}  # the run's folder, once run() knows it: the interrupt line names its newest checkpoint
-    with checkpoint.interrupts():
-        try:
-            return run(argv, int(os.environ.get("RANK", 0)), world, where)
-        except KeyboardInterrupt:
-            if MASTER:
-                print(f"\ntrain.py: {interrupted(where.get('out'), argv, world)}", file=sys.stderr)
-            raise SystemExit(130) from None
-        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            found, again = checkpoint.going_on(where["out"], argv, world, "train.py")
-            how = "Go on from the last checkpoint" if found else "Start again"
-            fail(f"{e}; stopped before saving it. {how} with a lower lr: {again} --lr LOWER")
-        except UserError as e:
-            fail(str(e))
-        except data.DataError as e:  # from a loader worker, whose traceback's last line is the error itself
-            fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    """train.py's command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with
+    exit 130 and one line that says what is saved and the command that goes on; an error, with one line."""
+    return checkpoint.command("train.py", run, sys.argv[1:] if argv is None else list(argv))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ mpvg.py's ViT in any PE mode, with the recipes of Tables 8-9 as ViT-Adapter's co
     torchrun --standalone --nproc_per_node=8 -m dense.train --task coco --data-path data/coco \\
         --finetune runs/mpvg/best.pt --pe mpvg --output-dir runs/coco-mpvg       # Table 3's recipe
     python -m dense.train --task coco --resume auto --output-dir runs/coco-mpvg  # go on where it stopped
+    python -m dense.train --task coco --eval-only --resume runs/coco-mpvg/best.pt   # its box and mask AP
 
 A run is a number of optimizer steps (coco: --epochs of its data; ade20k: --iters), evaluated and saved every
 --eval-every steps (coco: each epoch). run() tells the story; training/ keeps the checkpoints whole, reads a
-resume by its rules, and turns an interrupt into exit 130 and one line.
+resume by its rules, and turns an interrupt or an error into one line.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
@@ -32,7 +33,7 @@ import mpvg
 from dense import data, detection, evaluate, segmentation
 from dense.adapter import build_adapter, load_backbone
 from training import UserError, checkpoint, engine, flags, say
-from training.data import DataError, seed_of
+from training.data import seed_of
 from training.flags import COUNT, FRACTION, LR, NATURAL, NON_NEGATIVE, RATE, SEED, Parser, boolean, path
 
 MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, or the single process
@@ -55,6 +56,7 @@ RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py
         crop=1024,
         drop_path=0.1,
         window_attn=True,
+        add_vit_feature="last",  # the detection code's: the last tokens added to all four levels
     ),  # Table 9 (ViT-Adapter's upernet_deit_adapter_tiny_512_160k_ade20k.py)
     "ade20k": dict(
         model="upernet",
@@ -74,6 +76,7 @@ RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py
         crop=512,
         drop_path=0.1,
         window_attn=False,
+        add_vit_feature="each",  # the segmentation code's: interaction i's tokens added to level i
     ),
 }
 SYNTHETIC = dict(epochs=2, iters=None, eval_every=None, batch_size=2, warmup_iters=4, crop=128)  # CPU: 1
@@ -90,11 +93,12 @@ DEFAULTS = dict(
     seed=0,
     output_dir="runs/dense",
     resume=None,
+    eval_only=False,
     workers=min(8, os.cpu_count() or 1),
     log_every=50,
     accum_steps=1,  # engine.join's: one micro-batch a step
 )
-MAY_CHANGE = {*"resume output_dir epochs iters lr data_path workers log_every".split()}
+MAY_CHANGE = {*"resume eval_only output_dir epochs iters lr data_path workers log_every".split()}
 CROP = flags.typed(
     int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32"
 )  # the adapter's coarsest stride
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--depth", "its blocks", type=COUNT)
     add("--heads", "its attention heads", type=COUNT)
     add("--window-attn", "14 x 14 window attention in 8 of the 12 blocks", type=boolean)
+    add("--add-vit-feature", "the ViT's tokens added into the pyramid", choices=["last", "each", "none"])
     add("--drop-path", "the ViT's stochastic depth", type=RATE)
     add("--head-width", "FPN and mask head (box MLP: 4x; UperNet: 2x, its FCN: 1x)", type=COUNT)
     add("--epochs", "the run's length in passes over the training set, unless --iters", type=COUNT)
@@ -136,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", "initialisation, data order and augmentation", type=SEED)
     add("--output-dir", "the run's checkpoints and metrics.jsonl", type=path)
     add("--resume", "go on with a run: auto (the newest in --output-dir) or PATH", type=path)
+    add("--eval-only", "score the --resume checkpoint on the validation set and stop", action="store_true")
     add("--workers", "loader workers per process", type=NATURAL)
     add("--log-every", "steps between progress lines", type=COUNT)
     return p
@@ -148,9 +154,17 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
     if "finetune" in given and given.get("resume", "auto") != "auto":
         raise UserError("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
     out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
-    resumed = given.get("resume") and checkpoint.resume(given, out, MAY_CHANGE, SCORES[given["task"]])
+    resumed = given.get("resume") and checkpoint.resume(
+        given, out, MAY_CHANGE | {"task"}, SCORES[given["task"]]
+    )
+    if resumed and (task := resumed[1]["args"].get("task")) != given["task"]:
+        raise UserError(f"{resumed[0]} is a checkpoint of --task {task}: give --task {task}")
     if resumed:
         return argparse.Namespace(**resumed[1]["args"] | given), resumed
+    if given.get("eval_only"):
+        raise UserError(
+            "--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir"
+        )
     if given.get("resume"):
         say(f"--resume auto: no checkpoint in {out}, starting a new run")
     recipe = RECIPES[given["task"]] | (SYNTHETIC if given.get("data") == "synthetic" else {})
@@ -228,7 +242,7 @@ def build_model(args, classes: list[str], ckpt: dict | None):
     ViT's from --finetune."""
     torch.manual_seed(args.seed)
     config = dict(dim=args.dim, depth=args.depth, heads=args.heads, drop_path=args.drop_path)
-    adapter = build_adapter(args.pe, args.window_attn, **config)
+    adapter = build_adapter(args.pe, args.window_attn, add_vit_feature=args.add_vit_feature, **config)
     if args.finetune and not ckpt:
         weights = checkpoint.read(args.finetune, of_a_run=False)
         if (trained := (weights.get("model_config") or {}).get("pe", args.pe)) != args.pe:
@@ -249,33 +263,47 @@ def build_model(args, classes: list[str], ckpt: dict | None):
     return model
 
 
+def load_data(args, scratch: Path):
+    """The task's training and validation sets, class names and COCO API (ade20k: None), read from
+    --data-path, or from a tiny set of the task's format written into scratch (--data synthetic)."""
+    root = scratch if args.data == "synthetic" else Path(args.data_path)
+    if args.data == "synthetic":
+        sizes = (args.synthetic_size, max(args.synthetic_size // 4, 1))
+        (data.write_coco if args.task == "coco" else data.write_ade20k)(root, sizes, args.crop, args.seed)
+    return (data.load_coco if args.task == "coco" else data.load_ade20k)(root, args.crop, args.seed)
+
+
 def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> dict:
     args, resumed = parse(argv)
     path, ckpt = resumed or (None, None)
     del resumed  # run() alone holds the checkpoint, so that it is freed once applied
     out = where["out"] = path.parent if path else Path(args.output_dir)
-    where["task"], device = args.task, engine.join(args, world)
-    root = scratch if args.data == "synthetic" else Path(args.data_path)
-    if args.data == "synthetic":
-        sizes = (args.synthetic_size, max(args.synthetic_size // 4, 1))
-        (data.write_coco if args.task == "coco" else data.write_ade20k)(root, sizes, args.crop, args.seed)
-    load = data.load_coco if args.task == "coco" else data.load_ade20k
-    train_set, val_set, classes, coco = load(root, args.crop, args.seed)
+    where["keep"], device = ("--task", args.task), engine.join(args, world)
+    train_set, val_set, classes, coco = load_data(args, scratch)
     described = dict(train=len(train_set), val=len(val_set), classes=classes)
     if ckpt and (differ := [k for k in described if ckpt["data"][k] != described[k]]):
         raise UserError(f"the data's {' and '.join(differ)} differ from the checkpoint's: use its data")
-    per_epoch = len(train_set) // args.batch_size
-    if per_epoch == 0:
-        raise UserError(f"{len(train_set)} training images make no step of --batch-size {args.batch_size}")
-    total, every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
-    history = ckpt["history"] if ckpt else []
-    if (step := history[-1]["iter"] if history else 0) >= total:
-        raise UserError(f"nothing to train: the checkpoint holds step {step} of {total}; give more")
-
     model = build_model(args, classes, ckpt)
     if world > 1 and device.type == "cuda":  # MMCV's SyncBN (torch's is for GPUs)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
+    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    kw |= dict(collate_fn=data.as_lists if args.task == "coco" else None)
+    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), 1, **kw)
+    if args.task == "coco":
+        evaluate_model = partial(evaluate.evaluate_coco, model, val_loader, device, coco)
+    else:
+        evaluate_model = partial(evaluate.evaluate_ade20k, model, val_loader, device, len(classes), args.crop)
+    if args.eval_only:
+        scores = evaluate_model()
+        return say(f"{path}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()), scores)
+
+    per_epoch, history = len(train_set) // args.batch_size, ckpt["history"] if ckpt else []
+    if per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images make no step of --batch-size {args.batch_size}")
+    total, every = args.iters or args.epochs * per_epoch, args.eval_every or per_epoch
+    if (step := history[-1]["iter"] if history else 0) >= total:
+        raise UserError(f"nothing to train: the checkpoint holds step {step} of {total}; give more")
     optimizer = torch.optim.AdamW(param_groups(model, args), lr=args.lr, fused=device.type == "cuda")
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -284,10 +312,7 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
         checkpoint.claim(out, resuming=bool(history))
     batch = args.batch_size // world
     sampler = data.Stream(len(train_set), batch, rank, world, args.seed)
-    kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
-    kw |= dict(collate_fn=data.as_lists if args.task == "coco" else None)
     train_loader = DataLoader(train_set, batch, sampler=sampler, **kw)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world)), 1, **kw)
     params = sum(p.numel() for p in model.parameters())
     say(
         f"{args.task}: {args.model} on ViT-Adapter ({args.pe}), {params:,} parameters, {world} process(es) "
@@ -304,13 +329,9 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
         loss = train_steps(ddp, train_loader, optimizer, args, steps, schedule, device, world)
         if not math.isfinite(loss):
             raise FloatingPointError(f"the loss became {loss} by step {steps.stop}")
-        if args.task == "coco":
-            scores = evaluate.evaluate_coco(model, val_loader, device, coco)
-        else:
-            scores = evaluate.evaluate_ade20k(model, val_loader, device, len(classes), args.crop)
-        step, seconds = steps.stop, time.perf_counter() - begin
+        scores, step = evaluate_model(), steps.stop
         history.append(dict(epoch=len(history) + 1, iter=step, train_loss=loss, **scores))
-        history[-1].update(lr=schedule(step - 1), seconds=seconds)
+        history[-1].update(lr=schedule(step - 1), seconds=time.perf_counter() - begin)
         if MASTER:
             checkpoint.save_epoch(out, args, state, len(history) - 1, score)
         say("  ".join(f"{k} {v:.4g}" for k, v in history[-1].items()))
@@ -320,38 +341,10 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
 
 def main(argv=None):
     """The command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with exit 130
-    and one line that says what is saved and the command that goes on; a user's error is one line."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    world, where = int(os.environ.get("WORLD_SIZE", 1)), {}
-    with checkpoint.interrupts(), tempfile.TemporaryDirectory() as scratch:  # where --data synthetic goes
-        try:
-            return run(argv, int(os.environ.get("RANK", 0)), world, where, Path(scratch))
-        except KeyboardInterrupt:
-            found, again = checkpoint.going_on(
-                where.get("out"), argv, world, "-m dense.train", "--task", where.get("task")
-            )
-            said = (
-                f"{found[0]} holds evaluation {found[1] + 1}. Go on"
-                if found
-                else "nothing saved. Start again"
-            )
-            if MASTER:
-                print(f"\ndense.train: interrupted; {said}: {again}", file=sys.stderr)
-            raise SystemExit(130) from None
-        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
-            found, again = checkpoint.going_on(
-                where.get("out"), argv, world, "-m dense.train", "--task", where.get("task")
-            )
-            how = "Go on from the last checkpoint" if found else "Start again"
-            raise SystemExit(f"dense.train: error: {e}. {how} with a lower lr: {again} --lr LOWER") from None
-        except (UserError, DataError) as e:  # a DataError from a loader worker: its traceback's last line
-            said = str(e).strip().splitlines()[-1].split("DataError: ")[-1]
-            raise SystemExit(
-                f"dense.train: error: {said}" if MASTER or isinstance(e, DataError) else 1
-            ) from None
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    and one line that says what is saved and the command that goes on; an error, with one line."""
+    with tempfile.TemporaryDirectory() as scratch:  # where --data synthetic goes
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return checkpoint.command("-m dense.train", partial(run, scratch=Path(scratch)), argv, "evaluation")
 
 
 if __name__ == "__main__":

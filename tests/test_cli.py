@@ -11,7 +11,8 @@ import torchvision
 from conftest import folder_run, run_train, write_image_folder
 
 import train
-from training import checkpoint, flags, recipes
+from training import UserError, checkpoint, flags, recipes
+from training.data import DataError
 
 BAD_VALUES = [  # (flag, a value outside its range), for every flag that has one
     *[(f, "0") for f in ("--epochs", "--batch-size", "--accum-steps", "--repeated-aug", "--synthetic-size")],
@@ -95,10 +96,10 @@ def test_a_checkpoint_that_is_not_one_is_named_in_one_line(tmp_path):
         ("cut.pt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
         ("note.txt", r"\(\w+Error\): give a .pt file that torch.save wrote"),
         ("module.pt", r"\(UnpicklingError\): give a .pt file that torch.save wrote"),
-        ("tensor.pt", r"is not a checkpoint of train.py \(Tensor\)"),
+        ("tensor.pt", r"is not a run's checkpoint \(Tensor\)"),
         (
             "dict.pt",
-            r"is not a checkpoint of train.py \(no args, data, ema, epoch, history, model, model_config",
+            r"is not a run's checkpoint \(no args, data, ema, epoch, history, model, model_config",
         ),
     ]:
         with pytest.raises(SystemExit, match=rf"error: (cannot read checkpoint )?.*{name} {why}"):
@@ -170,15 +171,22 @@ def test_what_cannot_run_is_one_line_before_anything_is_written(tmp_path, monkey
 
 def test_errors_are_printed_by_rank_0_alone(monkeypatch):
     """Under torchrun every process meets a bad flag: one says it, the others end quietly, non-zero."""
-    monkeypatch.setattr(train, "MASTER", False)  # torchrun's RANK=1
+
+    def failing(error):
+        def run(*args):
+            raise error
+
+        return run
+
+    monkeypatch.setenv("RANK", "1")  # torchrun's second process
     with pytest.raises(SystemExit) as other_rank:
-        train.fail("the same message on every rank")
+        checkpoint.command("train.py", failing(UserError("the same message on every rank")), [])
     assert other_rank.value.code == 1
     with pytest.raises(SystemExit, match="error: cannot read img.jpg$"):  # one only this process met
-        train.fail("cannot read img.jpg", every_rank=True)
-    monkeypatch.setattr(train, "MASTER", True)
+        checkpoint.command("train.py", failing(DataError("cannot read img.jpg")), [])
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match="^train.py: error: the same message on every rank$"):
-        train.fail("the same message on every rank")
+        checkpoint.command("train.py", failing(UserError("the same message on every rank")), [])
 
 
 def test_help_shows_every_default_and_each_recipes_value():

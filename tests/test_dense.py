@@ -89,7 +89,7 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     """A step of each head, saved; an interrupt in the next ends with exit 130 and one line that names the
     checkpoint and the command that goes on; that command (given more --iters) ends with the very weights
     and optimizer state of a run never stopped: data order, augmentation, drop path and the heads' sampling
-    come from the seed and the step alone."""
+    come from the seed and the step alone. --eval-only scores best.pt as the run did."""
     flags = ["--task", task, "--data", "synthetic", *TINY, "--eval-every", "1", "--iters", "2"]
     dense_train.main([*flags, "--output-dir", str(tmp_path / "straight")])
     step, seen = torch.optim.AdamW.step, []
@@ -117,6 +117,9 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     states = [ckpt["optimizer"]["state"] for ckpt in (a, b)]
     assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in states[0][i])
+    best = dense_train.main(["--task", task, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")])
+    score = dense_train.SCORES[task]
+    assert best[score] == max(m[score] for m in b["history"])  # what picked best.pt, scored again
 
 
 def quadrants(n: int, side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:

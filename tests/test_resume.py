@@ -330,7 +330,7 @@ def test_no_process_waits_for_another_for_minutes(monkeypatch):
     died outside torchrun ends the others' collectives within five minutes, which rank 0's save of a
     DeiT-B checkpoint (2 GB with best.pt, written while the others wait) must fit in."""
     asked = {}
-    monkeypatch.setattr(train.dist, "init_process_group", lambda *a, **kw: asked.update(kw) or exit(0))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **kw: asked.update(kw) or exit(0))
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SystemExit):
         train.main([*TINY, *QUIET])
@@ -342,8 +342,10 @@ def test_the_interrupt_line_comes_before_the_teardown(tmp_path, monkeypatch, cap
     to go on."""
     said = []
     monkeypatch.setattr(train, "run", lambda *args: exec("raise KeyboardInterrupt"))
-    monkeypatch.setattr(train.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train.dist, "destroy_process_group", lambda: said.append(capsys.readouterr().err))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(
+        torch.distributed, "destroy_process_group", lambda: said.append(capsys.readouterr().err)
+    )
     with pytest.raises(SystemExit) as stopped:
         run_train(tmp_path)
     assert stopped.value.code == 130 and "interrupted before its first checkpoint" in said[0]
@@ -359,12 +361,14 @@ def test_a_resume_writes_metrics_jsonl_anew_from_its_checkpoint(tmp_path):
     assert epochs_in(tmp_path / "run") == [1, 2]
 
 
-def test_the_interrupt_line_of_processes_started_without_torchrun(tmp_path, monkeypatch):
+def test_the_interrupt_line_of_processes_started_without_torchrun(monkeypatch, capsys):
     """RANK and WORLD_SIZE set by hand or by a scheduler, no LOCAL_WORLD_SIZE: still the one line."""
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert "Start again: torchrun --nproc_per_node=2 train.py --epochs 1" in train.interrupted(
-        tmp_path, ["--epochs", "1"], 2
-    )
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "run", lambda *args: exec("raise KeyboardInterrupt"))
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "1"])
+    assert "Start again: torchrun --nproc_per_node=2 train.py --epochs 1" in capsys.readouterr().err
 
 
 def flipped(path: Path, offset: int, to: Path):

@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import signal
+import sys
 import tempfile
 import zipfile
 from contextlib import contextmanager, suppress
@@ -15,8 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from training import UserError
+from training.data import DataError
 
 NAMES = ("checkpoint.pt", "best.pt")  # a run's checkpoints: its last epoch, and its best
 FIELDS = {"model", "ema", "model_config", "optimizer", "epoch", "args", "history", "data"}
@@ -149,10 +152,10 @@ def read(path: Path, mmap: bool = False, of_a_run: bool = True, score: str = "va
         held = (
             f"no {', '.join(sorted(fields - set(ckpt)))}" if isinstance(ckpt, dict) else type(ckpt).__name__
         )
-        raise UserError(f"{path} is not a checkpoint of train.py ({held}): pass its checkpoint.pt or best.pt")
+        raise UserError(f"{path} is not a run's checkpoint ({held}): pass its checkpoint.pt or best.pt")
     if of_a_run and (wrong := damaged_fields(ckpt, score)):
         raise UserError(
-            f"{path} is damaged or hand-edited: its {', '.join(wrong)} not as train.py writes{other}"
+            f"{path} is damaged or hand-edited: its {', '.join(wrong)} not as a run writes{other}"
         )
     return ckpt
 
@@ -247,3 +250,41 @@ def save_epoch(out: Path, args, state: dict, epoch: int, score: str = "val_top1"
     for name in ("best.pt", "checkpoint.pt") if is_best else ("checkpoint.pt",):
         save(out / name, ckpt)
     save(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history).encode())
+
+
+def command(program: str, run, argv: list[str], unit: str = "epoch"):
+    """run(argv, rank, world, where) as `program`'s command line, on each of torchrun's processes (or the
+    single one). An interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with exit 130 and one
+    line: the newest checkpoint in where["out"] and the command that goes on from it (with where["keep"]'s
+    flags), or starts it again. A loss that is not finite, a UserError and a loader's DataError end it with
+    one line each, from rank 0 alone unless only this process met it."""
+    rank, world, where = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), {}
+    name = program.removeprefix("-m ")
+
+    def fail(message: str, every_rank: bool = False):
+        raise SystemExit(f"{name}: error: {message}" if every_rank or rank == 0 else 1)
+
+    with interrupts():
+        try:
+            return run(argv, rank, world, where)
+        except KeyboardInterrupt:
+            found, again = going_on(where.get("out"), argv, world, program, *where.get("keep", ()))
+            said = (
+                f"; {found[0]} holds {unit} {found[1] + 1}. Go on"
+                if found
+                else " before its first checkpoint. Start again"
+            )
+            if rank == 0:
+                print(f"\n{name}: interrupted{said}: {again}", file=sys.stderr)
+            raise SystemExit(130) from None
+        except FloatingPointError as e:  # stopped before saving it: the last checkpoint goes on
+            found, again = going_on(where.get("out"), argv, world, program, *where.get("keep", ()))
+            how = "Go on from the last checkpoint" if found else "Start again"
+            fail(f"{e}; stopped before saving it. {how} with a lower lr: {again} --lr LOWER")
+        except UserError as e:
+            fail(str(e))
+        except DataError as e:  # from a loader worker, whose traceback's last line is the error itself
+            fail(str(e).strip().splitlines()[-1].split("DataError: ")[-1], every_rank=True)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
