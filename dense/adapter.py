@@ -22,10 +22,9 @@ The paper says only "ViT-Adapter-Ti ... default settings"; two things it leaves 
   y = x_{L+1} + LN(pos_k), the tokens that the last extractors and the pyramid read), "last_ln" (Eq. 11
   whole, y = LN(x_{L+1}) + LN(pos_k)) or "none" (MPVG's dense backbone is then PVG's).
 
-ViT-Adapter-T's backbone, counted from the official constructors: 5,528,448 (DeiT-Ti without its head, class
-token and Last LN, plus LayerScale) + 2,438,192 (the adapter) = 7,966,640 parameters; build_adapter("default")
-has exactly these, "pvg" 7,970,672 and "mpvg" 7,971,056 (the 11 LN'_l and Eq. 11's LayerNorm, the class slot
-of pos_embed gone). The published detector (Mask R-CNN, FPN) is ~28 M, the segmentor (UperNet) ~36 M.
+ViT-Adapter-T's backbone has 7,966,640 parameters by the official constructors, and build_adapter("default")
+exactly these ("pvg" 7,970,672, "mpvg" 7,971,056: the LN'_l and Eq. 11's LayerNorm, less pos_embed's class
+slot). The published detector (Mask R-CNN, FPN) is ~28 M, the segmentor (UperNet) ~36 M.
 """
 
 from __future__ import annotations
@@ -177,8 +176,9 @@ class Interaction(nn.Module):
         )
 
 
-def conv_bn_relu(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:  # MMCV's ConvModule
+    conv = nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
 class SpatialPriorModule(nn.Module):
@@ -189,14 +189,14 @@ class SpatialPriorModule(nn.Module):
         super().__init__()
         w = width
         self.stem = nn.Sequential(
-            *conv_bn_relu(in_chans, w, 2),
-            *conv_bn_relu(w, w, 1),
-            *conv_bn_relu(w, w, 1),
+            *conv_bn_relu(in_chans, w, stride=2),
+            *conv_bn_relu(w, w),
+            *conv_bn_relu(w, w),
             nn.MaxPool2d(3, 2, 1),
         )
-        self.conv2 = nn.Sequential(*conv_bn_relu(w, 2 * w, 2))
-        self.conv3 = nn.Sequential(*conv_bn_relu(2 * w, 4 * w, 2))
-        self.conv4 = nn.Sequential(*conv_bn_relu(4 * w, 4 * w, 2))
+        self.conv2 = conv_bn_relu(w, 2 * w, stride=2)
+        self.conv3 = conv_bn_relu(2 * w, 4 * w, stride=2)
+        self.conv4 = conv_bn_relu(4 * w, 4 * w, stride=2)
         self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Conv2d(c, dim, 1) for c in (w, 2 * w, 4 * w, 4 * w))
 
     def forward(self, img: torch.Tensor) -> list[torch.Tensor]:
@@ -329,11 +329,6 @@ class ViTAdapter(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-
-    def no_weight_decay(self) -> set[str]:
-        """ViT-Adapter's detection recipe: no decay on level_embed, pos_embed, biases, norms' weights."""
-        keys = ("level_embed", "pos_embed", "norm", "bias")
-        return {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
 
     def position(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, list]:
         """pos_0 at the input's grid and the PE each layer receives, (1, h, w, D) or None, the class slot set

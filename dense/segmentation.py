@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dense.adapter import conv_bn_relu
+
 IGNORE = 255  # the label of pixels no loss or score reads (ADE20K's "other", after reduce_zero_label)
-
-
-def conv_bn_relu(cin: int, cout: int, kernel: int) -> nn.Sequential:  # MMCV's ConvModule
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
 
 
 def resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

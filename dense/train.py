@@ -154,9 +154,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
     if "finetune" in given and given.get("resume", "auto") != "auto":
         raise UserError("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
     out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
-    resumed = given.get("resume") and checkpoint.resume(
-        given, out, MAY_CHANGE | {"task"}, SCORES[given["task"]]
-    )
+    # read as either task's (each step of its history holds "iter"), then refused if of the other task
+    resumed = given.get("resume") and checkpoint.resume(given, out, MAY_CHANGE | {"task"}, score="iter")
     if resumed and (task := resumed[1]["args"].get("task")) != given["task"]:
         raise UserError(f"{resumed[0]} is a checkpoint of --task {task}: give --task {task}")
     if resumed:
@@ -279,12 +278,18 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
     del resumed  # run() alone holds the checkpoint, so that it is freed once applied
     out = where["out"] = path.parent if path else Path(args.output_dir)
     where["keep"], device = ("--task", args.task), engine.join(args, world)
+    synced = world > 1 and device.type == "cuda"  # SyncBatchNorm: over every process's images
+    if args.task == "ade20k" and not args.eval_only and args.batch_size < 2 * world and not synced:
+        raise UserError(
+            f"UperNet's pyramid pooling normalises a 1 x 1 map over a process's batch: give --batch-size "
+            f"{2 * world} or more"
+        )
     train_set, val_set, classes, coco = load_data(args, scratch)
     described = dict(train=len(train_set), val=len(val_set), classes=classes)
     if ckpt and (differ := [k for k in described if ckpt["data"][k] != described[k]]):
         raise UserError(f"the data's {' and '.join(differ)} differ from the checkpoint's: use its data")
     model = build_model(args, classes, ckpt)
-    if world > 1 and device.type == "cuda":  # MMCV's SyncBN (torch's is for GPUs)
+    if synced:  # MMCV's SyncBN (torch's is for GPUs)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     kw = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")

@@ -91,7 +91,7 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     """A step of each head, saved; an interrupt in the next ends with exit 130 and one line that names the
     checkpoint and the command that goes on; that command (given more --iters) ends with the very weights
     and optimizer state of a run never stopped: data order, augmentation, drop path and the heads' sampling
-    come from the seed and the step alone. --eval-only scores best.pt as the run did."""
+    come from the seed and the step alone. --eval-only scores best.pt as the run did, for its task only."""
     flags = ["--task", task, "--data", "synthetic", *TINY, "--eval-every", "1", "--iters", "2"]
     dense_train.main([*flags, "--output-dir", str(tmp_path / "straight")])
     step, seen = torch.optim.AdamW.step, []
@@ -119,6 +119,9 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     states = [ckpt["optimizer"]["state"] for ckpt in (a, b)]
     assert all(torch.equal(states[0][i][k], states[1][i][k]) for i in states[0] for k in states[0][i])
+    other = "ade20k" if task == "coco" else "coco"
+    with pytest.raises(SystemExit, match=f"best.pt is a checkpoint of --task {task}: give --task {task}$"):
+        dense_train.main(["--task", other, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")])
     best = dense_train.main(["--task", task, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")])
     score = dense_train.SCORES[task]
     assert best[score] == max(m[score] for m in b["history"])  # what picked best.pt, scored again
@@ -206,8 +209,9 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
-    """No COCO folder, an ADE20K folder without images, no pycocotools, a crop the adapter cannot take, no
-    --task: each a line that says what to give, and nothing written."""
+    """No COCO folder, an ADE20K folder without images, no pycocotools, one image a step for UperNet's
+    batch statistics, a crop the adapter cannot take, no --task: each a line that says what to give, and
+    nothing written."""
     for flags, said in [
         (["--task", "coco", "--data-path", str(tmp_path)], f"no {tmp_path}/train2017/ or "),
         (["--task", "ade20k", "--data-path", str(tmp_path)], f"no images in {tmp_path}/images/training"),
@@ -215,6 +219,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
             ["--task", "coco", "--data", "synthetic"],
             "COCO needs pycocotools: pip install -r requirements-dense.txt",
         ),
+        (["--task", "ade20k", "--batch-size", "1"], "UperNet's pyramid pooling normalises a 1 x 1 map over"),
     ]:
         with (
             monkeypatch.context() as m,

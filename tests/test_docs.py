@@ -7,7 +7,8 @@ import shlex
 import pytest
 from conftest import REPO
 
-from tools import analyze, benchmark, speed, workshop
+from dense import train as dense_train
+from tools import analyze, benchmark, dense_benchmark, speed, workshop
 from training import flags
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -29,15 +30,15 @@ def test_the_python_of_the_readme_and_the_docs_runs(tmp_path, monkeypatch):
 
 
 def commands() -> list[tuple[str, list[str]]]:
-    """Every `python train.py`, `torchrun ... train.py` or `python -m tools.NAME` command of the pages, in
-    shell blocks or inline code, as (script, its flags)."""
+    """Every `python train.py`, `torchrun ... train.py`, `python -m tools.NAME` or `-m dense.train` command of
+    the pages, in shell blocks or inline code, as (script, its flags)."""
     inline = [c for page in PAGES for c in re.findall(r"`((?:python|torchrun) [^`]*)`", page.read_text())]
     found = []
     for line in "\n".join(blocks("bash") + inline).replace("\\\n", " ").splitlines():
         words = shlex.split(line.split("#", 1)[0])
         if not words or words[0] not in ("python", "torchrun") or "..." in words:
             continue
-        if "-m" in words and words[words.index("-m") + 1].startswith("tools."):
+        if "-m" in words and words[words.index("-m") + 1].startswith(("tools.", "dense.")):
             at = words.index("-m") + 1
         elif "train.py" in words:
             at = words.index("train.py")
@@ -59,6 +60,10 @@ def test_every_documented_command_parses():
         "tools.analyze": tool(analyze),
         "tools.workshop": lambda argv: workshop.build_parser().parse_args(argv),
         "tools.speed": lambda argv: speed.build_parser().parse_args(argv),
+        "tools.dense_benchmark": lambda argv: dense_train.build_parser().parse_args(
+            ["--task", "coco", *dense_benchmark.build_parser().parse_known_args(argv)[1]]
+        ),
+        "dense.train": lambda argv: dense_train.build_parser().parse_args(argv),
     }
     found = commands()
     assert set(parsers) == {script for script, _ in found}

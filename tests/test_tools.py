@@ -330,3 +330,22 @@ def test_the_tools_help_lists_train_pys_flags_and_checks_them(tool, capsys):
     assert (
         refused.value.code == 2 and "argument --lr: must be in (0, 10], got 1e39" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("task", ["coco", "ade20k"])
+def test_the_dense_benchmark_times_a_step_and_the_deformable_attentions_share(task):
+    """tools.dense_benchmark's row for a tiny head: a step's time, its deformable attention's share of it
+    (each of the 10 calls, 4 injectors and 6 extractors, replayed), and the real deform_attn put back."""
+    from dense import adapter
+    from tools import dense_benchmark
+
+    original, seen = adapter.deform_attn, []
+    tiny = ["--dim", "48", "--depth", "4", "--heads", "2", "--head-width", "16", "--batch-size", "2"]
+    counted = lambda *inputs: seen.append(1) or original(*inputs)  # noqa: E731
+    adapter.deform_attn = counted
+    try:
+        row = dense_benchmark.measure(task, 64, 1, tiny)
+    finally:
+        adapter.deform_attn = original
+    assert row["step_s"] > 0 and 0 < row["deform_share"] < 1 and row["peak_mib"] > 0
+    assert len(seen) == 2 * 2 * 10  # two steps, each call run in the step and once more alone
