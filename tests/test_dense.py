@@ -3,14 +3,19 @@ scored as pycocotools and MMSegmentation score them, each head trained, interrup
 position learnt per token at a grid other than the pretraining one: by the ViT in every PE mode but none,
 and through ViT-Adapter in every mode."""
 
+import json
 import re
 import shlex
+import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils.data import DataLoader, Subset
 from torchvision.io import write_jpeg, write_png
 from torchvision.transforms import v2
 
@@ -234,3 +239,64 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err
         assert refused.value.code == 2 and err.count("\n") == 1 and "error: " in err
     assert not (tmp_path / "run").exists()
+
+
+class Oracle(torch.nn.Module):
+    """A stand-in for either head that reads the synthetic sets' bright objects: for COCO one detection a
+    image, the box (and mask) of channel 0's bright pixels, the square's channel; for ADE20K class 0 where
+    the red channel is high, else class 1. Each image's score then depends on that image alone."""
+
+    def forward(self, images):
+        if isinstance(images, list):  # Mask R-CNN's evaluation: a list of (3, H, W) in [0, 1]
+            found = []
+            for img in images:
+                mask = img[0] > 0.8
+                ys, xs = mask.nonzero(as_tuple=True)
+                box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+                found.append(
+                    dict(
+                        boxes=box,
+                        labels=torch.tensor([1]),
+                        scores=img.mean()[None],
+                        masks=mask[None, None].float(),
+                    )
+                )
+            return found
+        red = images[:, :1] > 0.5  # normalised
+        return torch.cat([red, ~red], 1).float()
+
+
+def scores_on(rank: int, world: int, root: str, port: int, out: str):
+    """Each task's scores of the Oracle from this process's shard of the validation set, combined over the
+    `world` processes (gloo) as dense.train combines them; rank 0 writes them to `out`."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    scores = {}
+    for task in ("coco", "ade20k"):
+        load = data.load_coco if task == "coco" else data.load_ade20k
+        _, val_set, classes, coco = load(Path(root) / task, 64, 0)
+        shard = Subset(val_set, range(rank, len(val_set), world))
+        loader = DataLoader(shard, 1, collate_fn=data.as_lists if task == "coco" else None)
+        if task == "coco":
+            scores[task] = evaluate.evaluate_coco(Oracle(), loader, torch.device("cpu"), coco)
+        else:
+            scores[task] = evaluate.evaluate_ade20k(Oracle(), loader, torch.device("cpu"), len(classes), 64)
+    if rank == 0:
+        Path(out).write_text(json.dumps(scores))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_two_processes_score_each_validation_image_once_as_one_does(tmp_path):
+    """COCO's AP and ADE20K's mIoU of 7 validation images scored by one process, and by two that each score
+    their shard (4 + 3 images) and combine them: the same figures, none of them 0 or 100."""
+    data.write_coco(tmp_path / "coco", (1, 7), 64, seed=0)
+    data.write_ade20k(tmp_path / "ade20k", (1, 7), 64, seed=0)
+    scores_on(0, 1, str(tmp_path), 0, str(tmp_path / "one.json"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(scores_on, (2, str(tmp_path), port, str(tmp_path / "two.json")), nprocs=2)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    one, two = ({f"{t} {k}": v for t in s for k, v in s[t].items()} for s in (one, two))
+    assert two == pytest.approx(one) and all(0 < v < 100 for v in one.values()), (one, two)
