@@ -15,8 +15,9 @@ from conftest import TINY, run_train
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dense import train as dense_train
 from mpvg import PE_MODES, create_model
-from tools import analyze, benchmark, speed, workshop
+from tools import analyze, benchmark, dense_benchmark, speed, workshop
 from training import engine, flags
 
 
@@ -271,11 +272,17 @@ def test_every_speed_stage_is_a_command_its_script_takes(tmp_path):
     for quick in (False, True):
         for runs in speed.stages(quick, tmp_path, cores=16).values():
             for name, command, limit in runs:
-                script = command[command.index("-m") + 1] if "tools.benchmark" in command else "train.py"
+                script = next(
+                    (w for w in command if w in ("tools.benchmark", "tools.dense_benchmark")), "train.py"
+                )
                 argv = command[command.index(script) + 1 :]
-                benchmark.parse_args(
-                    argv
-                ) if script == "tools.benchmark" else flags.build_parser().parse_args(argv)
+                if script == "tools.benchmark":
+                    benchmark.parse_args(argv)
+                elif script == "tools.dense_benchmark":
+                    rest = dense_benchmark.build_parser().parse_known_args(argv)[1]
+                    dense_train.build_parser().parse_args(["--task", "coco", *rest])
+                else:
+                    flags.build_parser().parse_args(argv)
                 assert limit > 0, name
 
 
@@ -337,7 +344,6 @@ def test_the_dense_benchmark_times_a_step_and_the_deformable_attentions_share(ta
     """tools.dense_benchmark's row for a tiny head: a step's time, its deformable attention's share of it
     (each of the 10 calls, 4 injectors and 6 extractors, replayed), and the real deform_attn put back."""
     from dense import adapter
-    from tools import dense_benchmark
 
     original, seen = adapter.deform_attn, []
     tiny = ["--dim", "48", "--depth", "4", "--heads", "2", "--head-width", "16", "--batch-size", "2"]

@@ -15,7 +15,8 @@ compiled, the four modes and timm, with a profile of MPVG), table2 (ViT-Lite-7/4
 50,000 CIFAR-shaped images, 20 epochs timed, 310 extrapolated), compile (--compile trains and evaluates
 with default, LaPE, PVG and MPVG under torchrun with one process, and resumes; DDP with compile needs two
 GPUs), deit_s_eager, loader (the DeiT loader on JPEGs of ImageNet's typical size), deit_b (DeiT-B/16
-MFU), scaling (DeiT-S batch 64-1024 and 384 px).
+MFU), scaling (DeiT-S batch 64-1024 and 384 px), dense (tools.dense_benchmark: a step of Mask R-CNN and of
+UperNet on ViT-Adapter-Ti, batch 2, at 512 and 1024 px).
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def stages(quick: bool, out: Path, cores: int) -> dict:
         str(out / "table2"),
     ]  # an epoch's time: any lr
     jpegs = ["--data", "imagenet", "--data-path", str(out / "jpegs"), "--recipe", "deit", *small]
+    dense = [
+        sys.executable,
+        "-m",
+        "tools.dense_benchmark",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2" if quick else "5",
+    ]
+    dense += "--dim 48 --depth 4 --heads 2 --head-width 16".split() if quick else []
     return {
         "compile": compile_runs,
         "table2": [("table2", [sys.executable, "train.py", *table2], 120 if quick else 480)],
@@ -96,6 +107,10 @@ def stages(quick: bool, out: Path, cores: int) -> dict:
                 [*bench, "--loader-only", *jpegs, "--batch-size", batch, "--json", str(out / "loader.json")],
                 300,
             )
+        ],
+        "dense": [  # both heads a size, each in a process of its own: rows of JSON in the log
+            (f"dense_{size}", [*dense, "--size", str(size)], 120 if quick else 300)
+            for size in ((64,) if quick else (512, 1024))
         ],
     }
 
@@ -179,6 +194,19 @@ def summary(out: Path) -> str:
             "longer; "
             f"310 epochs extrapolate to {(first + 310 * steady) / 60:.1f} minutes."
         )
+    dense = [
+        json.loads(line)
+        for name in ran
+        if name.startswith("dense_") and (out / f"{name}.log").exists()
+        for line in (out / f"{name}.log").read_text().splitlines()
+        if line.startswith('{"task"')
+    ]
+    if dense:
+        lines += ["", "## dense", "", "| head | px | batch | s/step | peak MiB | deformable attention |"]
+        lines.append("|---|---|---|---|---|---|")
+        for r in dense:
+            cells = [r["model"], r["size"], r["batch"], r["step_s"], f"{r['peak_mib']:,}"]
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {100 * r['deform_share']:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +214,7 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", default="speed", help="where logs, JSON and speed.md go")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a rehearsal on a CPU")
-    order = "deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling"
+    order = "deit_s,table2,compile,deit_s_eager,loader,deit_b,scaling,dense"
     p.add_argument(
         "--stages", default=order, help="a comma-separated subset of the stages, run in this order"
     )
