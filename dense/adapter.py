@@ -330,30 +330,34 @@ class ViTAdapter(nn.Module):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
 
-    def position(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, list]:
-        """pos_0 at the input's grid and the PE each layer receives, (1, h, w, D) or None, the class slot set
-        aside (LN'_l acts on each row alone: setting it aside before or after the chain is the same)."""
-        vit, slot = self.vit, int(self.vit.cfg.pool == "cls")
+    def position(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, list, torch.Tensor | None]:
+        """pos_0 at the input's grid, the PE each layer receives, and Eq. (11)'s LN(pos_k), each (1, h, w, D)
+        or None, the class slot set aside (LN'_l and LN act on each row alone: the same before or after)."""
+        vit, slot, last = self.vit, int(self.vit.cfg.pool == "cls"), None
         pos_0 = vit.pos_at(grid)
-        if self.pe_resize == "pos_0":  # pos_0 resized, then Eq. (7)/(10): mpvg.py's order, and ViT-Adapter's
+        if (
+            self.pe_resize == "pos_0"
+        ):  # pos_0 resized, then Eqs. (7)/(10) and (11): mpvg.py's order, ViT-Adapter's
             pos = vit.layer_pos(pos_0)
-        else:  # Eq. (7)/(10) at the pretraining grid, then each pos_l resized
-            pos = [p if p is None else vit.pos_at(grid, p) for p in vit.layer_pos(vit.pos_embed)]
+            if vit.last_pe_norm is not None:
+                last = vit.last_pe_norm(pos_0 if vit.cfg.last_pe == 0 else pos[vit.cfg.last_pe])
+        else:  # Eqs. (7)/(10) and (11) at the pretraining grid, then each resized
+            native = vit.layer_pos(vit.pos_embed)
+            pos = [p if p is None else vit.pos_at(grid, p) for p in native]
+            if vit.last_pe_norm is not None:
+                last = vit.pos_at(grid, vit.last_pe_norm(vit.pos_k(native)))
 
         def on_grid(p):
             return None if p is None else rearrange(p[:, slot:], "1 (h w) d -> 1 h w d", h=grid[0])
 
-        return on_grid(pos_0), [on_grid(p) for p in pos]
+        return on_grid(pos_0), [on_grid(p) for p in pos], on_grid(last)
 
-    def last_pe(self, x: torch.Tensor, pos_0, pos: list) -> torch.Tensor:
+    def last_pe(self, x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
         """The tokens after the last block, x_{L+1} (B, h, w, D), as the last extractors and the pyramid read
         them: Eq. (11)'s LN(pos_k) at the input's grid added (last_pe_at="tokens"; ViT-Adapter has no Last
         LN), or Eq. (11) whole (last_pe_at="last_ln"), or x_{L+1} as it is (PVG's, and "none")."""
-        vit = self.vit
-        x = vit.norm(x)  # Eq. (4), the Last LN, for last_pe_at="last_ln"; else the identity
-        if vit.last_pe_norm is not None:
-            x = x + vit.last_pe_norm(pos_0 if vit.cfg.last_pe == 0 else pos[vit.cfg.last_pe])  # Eq. (11)
-        return x
+        x = self.vit.norm(x)  # Eq. (4), the Last LN, for last_pe_at="last_ln"; else the identity
+        return x if last is None else x + last  # Eq. (11)
 
     def forward(self, img: torch.Tensor, trace: dict | None = None) -> list[torch.Tensor]:
         """Images (B, C, H, W) -> [(B, D, H/4, W/4), (B, D, H/8, W/8), (B, D, H/16, W/16), (B, D, H/32, W/32)]
@@ -372,7 +376,7 @@ class ViTAdapter(nn.Module):
         c = torch.cat(
             [rearrange(c_l, "b d h w -> b (h w) d") + e for c_l, e in zip(levels, self.level_embed)], dim=1
         )  # the pyramid c2, c3, c4 as one sequence (B, S, D)
-        pos_0, pos = self.position(grid)
+        pos_0, pos, last = self.position(grid)
         x = rearrange(vit.patch_embed(img), "b (h w) d -> b h w d", h=grid[0])  # the patches, no class token
         x = x + pos_0 if vit.cfg.pe_input else x  # Eq. (1)/(8); without it, Eq. (5)
         at_tokens, at_pyramid, read = reference_points([grid], x), reference_points(shapes, x), []
@@ -384,7 +388,7 @@ class ViTAdapter(nn.Module):
             if end == vit.cfg.depth:
                 if trace is not None:
                     trace["pre_norm"] = x
-                x = self.last_pe(x, pos_0, pos)
+                x = self.last_pe(x, last)
             read.append(x)
             tokens = rearrange(x, "b h w d -> b (h w) d")
             for extractor in [interaction.extractor, *interaction.extra_extractors]:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
-from torchvision.io import ImageReadMode, decode_image, write_jpeg, write_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -104,10 +104,10 @@ def coco_train(crop: int) -> v2.Compose:
     384..600, short side 480..800), long sides at most 1333; then a crop of at most crop x crop. Every size
     scales with crop (1024: ViT-Adapter's)."""
     at = lambda size: round(size * crop / 1024)  # noqa: E731
-    scales = v2.RandomShortestSize([at(s) for s in range(480, 801, 32)], at(1333))  # MMDetection's Resize
-    crops = v2.Compose(
-        [v2.RandomShortestSize([at(400), at(500), at(600)], at(1333)), CropUpTo(at(384), at(600))]
-    )
+    # MMDetection's Resize: cv2's bilinear, without antialiasing
+    scales = v2.RandomShortestSize([at(s) for s in range(480, 801, 32)], at(1333), antialias=False)
+    shorter = v2.RandomShortestSize([at(400), at(500), at(600)], at(1333), antialias=False)
+    crops = v2.Compose([shorter, CropUpTo(at(384), at(600))])
     return v2.Compose(
         [
             v2.RandomHorizontalFlip(),
@@ -186,8 +186,10 @@ class ADE20K(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        img = decode_image(str(self.images[i]), ImageReadMode.RGB)
-        label = decode_image(str(self.root / "annotations" / self.split / f"{self.images[i].stem}.png"))[0]
+        img = TF.pil_to_tensor(Image.open(self.images[i]).convert("RGB"))
+        label = TF.pil_to_tensor(
+            Image.open(self.root / "annotations" / self.split / f"{self.images[i].stem}.png")
+        )[0]
         label = label.long() - 1
         return img, label.masked_fill(label < 0, IGNORE)
 
@@ -195,7 +197,7 @@ class ADE20K(Dataset):
 def distort(img: torch.Tensor) -> torch.Tensor:
     """MMSegmentation's PhotoMetricDistortion of a uint8 image, to floats in [0, 1]: each change with
     probability 0.5, brightness +-32, contrast x 0.5..1.5 (first or last), saturation x 0.5..1.5
-    (torchvision's blend with grey; MMSegmentation scales HSV's S), hue +-18 degrees."""
+    (torchvision's blend with grey; MMSegmentation scales HSV's S), hue -36..+34 degrees."""
     coin = lambda: bool(torch.rand(()) < 0.5)  # noqa: E731
     uniform = lambda low, high: float(torch.empty(()).uniform_(low, high))  # noqa: E731
     contrast = lambda x: (x * uniform(0.5, 1.5)).clamp(0, 1) if coin() else x  # noqa: E731
@@ -206,8 +208,8 @@ def distort(img: torch.Tensor) -> torch.Tensor:
     x = x if contrast_last else contrast(x)
     if coin():
         x = TF.adjust_saturation(x, uniform(0.5, 1.5))
-    if coin():
-        x = TF.adjust_hue(x, uniform(-18 / 360, 18 / 360))
+    if coin():  # numpy's randint(-18, 18) in OpenCV's hue units of 2 degrees
+        x = TF.adjust_hue(x, int(torch.randint(-18, 18, ())) * 2 / 360)
     return contrast(x) if contrast_last else x
 
 
@@ -298,7 +300,7 @@ def write_coco(root: Path, sizes=(16, 8), side: int = 128, seed: int = 0):
                     )
                 )
             images.append(dict(id=i + 1, file_name=f"{i + 1:012d}.jpg", height=side, width=side))
-            write_jpeg(img, str(root / f"{split}2017" / images[-1]["file_name"]), quality=95)
+            TF.to_pil_image(img).save(root / f"{split}2017" / images[-1]["file_name"], quality=95)
         kinds = [dict(id=1, name="square"), dict(id=3, name="bar")]
         content = dict(images=images, annotations=annotations, categories=kinds)
         (root / "annotations" / f"instances_{split}2017.json").write_text(json.dumps(content))
@@ -319,5 +321,5 @@ def write_ade20k(root: Path, sizes=(16, 8), side: int = 128, seed: int = 0, clas
                 y, x = torch.randint(side * 3 // 4, (2,), generator=g).tolist()
                 label[y : y + side // 4, x : x + side // 4] = k
             img = torch.where(label > 0, colours[label.long()].permute(2, 0, 1), img)
-            write_jpeg(img, str(root / "images" / split / f"ADE_{split}_{i + 1:08d}.jpg"), quality=95)
-            write_png(label[None], str(root / "annotations" / split / f"ADE_{split}_{i + 1:08d}.png"))
+            TF.to_pil_image(img).save(root / "images" / split / f"ADE_{split}_{i + 1:08d}.jpg", quality=95)
+            TF.to_pil_image(label).save(root / "annotations" / split / f"ADE_{split}_{i + 1:08d}.png")

@@ -66,5 +66,8 @@ class Segmenter(nn.Module):
         logits = self.decode_head(maps)
         if labels is None:
             return resize(logits, img)  # (B, classes, H, W)
-        loss = lambda x: F.cross_entropy(resize(x, labels), labels, ignore_index=IGNORE)  # noqa: E731
+
+        def loss(x):  # MMSegmentation's (0.20): the mean over every pixel, one labelled IGNORE adding 0
+            return F.cross_entropy(resize(x, labels), labels, ignore_index=IGNORE, reduction="none").mean()
+
         return dict(loss_decode=loss(logits), loss_aux=0.4 * loss(self.auxiliary_head(maps[2])))

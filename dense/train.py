@@ -41,14 +41,15 @@ MASTER = os.environ.get("RANK", "0") == "0"  # rank 0 of torchrun's processes, o
 RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py, MMDetection's schedule_3x)
     "coco": dict(
         model="mask_rcnn",
+        output_dir="runs/coco",
         data_path="data/coco",
         epochs=36,
         iters=None,
         eval_every=None,
-        batch_size=16,
+        batch_size=8,  # Table 8's (the paper's 4 GPUs x 2 images; ViT-Adapter's config: 8 x 2)
         lr=1e-4,
         weight_decay=0.05,
-        decay_pos_embed=False,
+        no_decay="names",
         layer_decay=1.0,
         schedule="step",
         lr_steps=[27, 33],
@@ -61,14 +62,15 @@ RECIPES = {  # Table 8 (ViT-Adapter's mask_rcnn_deit_adapter_tiny_fpn_3x_coco.py
     ),  # Table 9 (ViT-Adapter's upernet_deit_adapter_tiny_512_160k_ade20k.py)
     "ade20k": dict(
         model="upernet",
+        output_dir="runs/ade20k",
         data_path="data/ade/ADEChallengeData2016",
         epochs=None,
         iters=160_000,
         eval_every=16_000,
-        batch_size=16,
+        batch_size=8,  # Table 9's (4 GPUs x 2; ViT-Adapter's config: 8 x 2)
         lr=12e-5,
         weight_decay=0.01,
-        decay_pos_embed=True,
+        no_decay="1d",
         layer_decay=0.95,
         schedule="poly",
         lr_steps=[],
@@ -92,7 +94,6 @@ DEFAULTS = dict(
     heads=3,
     head_width=256,
     seed=0,
-    output_dir="runs/dense",
     resume=None,
     eval_only=False,
     workers=min(8, os.cpu_count() or 1),
@@ -134,8 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eval-every", "steps between evaluations, each saved (None: an epoch's)", type=COUNT)
     add("--batch-size", "global batch, split over the processes", type=COUNT)
     add("--lr", "peak learning rate", type=LR)
-    add("--weight-decay", "AdamW's, never on 1-D weights", type=NON_NEGATIVE)
-    add("--decay-pos-embed", "weight decay on pos_embed and level_embed too", type=boolean)
+    add("--weight-decay", "AdamW's", type=NON_NEGATIVE)
+    add(
+        "--no-decay",
+        "what AdamW does not decay: names (with level_embed, pos_embed, norm or bias: MMCV's custom_keys, "
+        "the detection config) or 1d (every 1-D weight: BEiT's rule, the segmentation config)",
+        choices=["names", "1d"],
+    )
     add("--layer-decay", "block i's lr x this ** (depth - i), the embeddings' one power more", type=FRACTION)
     add("--warmup-iters", "linear warmup steps", type=NATURAL)
     add("--crop", "training crop side; every resize and window scales with it", type=CROP)
@@ -154,7 +160,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
     given = vars(build_parser().parse_args(argv))
     if "finetune" in given and given.get("resume", "auto") != "auto":
         raise UserError("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
-    out = Path(given.get("output_dir", DEFAULTS["output_dir"]))
+    out = Path(given.get("output_dir", RECIPES[given["task"]]["output_dir"]))
     # read as either task's (each step of its history holds "iter"), then refused if of the other task
     resumed = given.get("resume") and checkpoint.resume(given, out, MAY_CHANGE | {"task"}, score="iter")
     if resumed and (task := resumed[1]["args"].get("task")) != given["task"]:
@@ -172,16 +178,21 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
 
 
 def param_groups(model, args) -> list[dict]:
-    """AdamW's parameter groups: no weight decay on 1-D weights (biases, norms, the injectors' gamma) nor,
-    unless --decay-pos-embed, on pos_embed and level_embed; layer-wise lr decay as BEiT's and ViT-Adapter's
-    (num_layers = depth + 2): the ViT's embeddings are layer 0, its block i layer i + 1, all else (adapter,
-    heads) layer depth + 1, and layer k's lr is --lr x layer_decay ** (depth + 1 - k)."""
+    """AdamW's parameter groups. Weight decay as each config's optimizer constructor gives it: --no-decay
+    names (MMCV's custom_keys, matched in the parameter's name: LayerScale's and the injectors' gammas and the
+    spatial prior's BatchNorm weights decay) or 1d (BEiT's: every 1-D weight exempt; pos_embed and
+    level_embed decay, as the rule misses their prefixed names). Layer-wise lr decay as BEiT's and
+    ViT-Adapter's (num_layers = depth + 2): the ViT's embeddings are layer 0, its block i layer i + 1, all
+    else (adapter, heads) layer depth + 1, and layer k's lr is --lr x layer_decay ** (depth + 1 - k)."""
     vit = next(m for m in model.modules() if isinstance(m, mpvg.VisionTransformer))
     depth, groups = len(vit.blocks), {}
     layer = {p: i + 1 for i, block in enumerate(vit.blocks) for p in block.parameters()}
     layer |= {p: 0 for p in [*vit.patch_embed.parameters(), vit.pos_embed, vit.cls_token] if p is not None}
     for name, p in model.named_parameters():
-        decayed = p.ndim > 1 and (args.decay_pos_embed or not name.endswith(("pos_embed", "level_embed")))
+        if args.no_decay == "names":
+            decayed = not any(key in name for key in ("level_embed", "pos_embed", "norm", "bias"))
+        else:
+            decayed = p.ndim > 1
         k = layer.get(p, depth + 1)
         scales = dict(weight_decay=args.weight_decay * decayed, lr_scale=args.layer_decay ** (depth + 1 - k))
         groups.setdefault((k, decayed), dict(params=[], **scales))["params"].append(p)
@@ -322,7 +333,8 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
     params = sum(p.numel() for p in model.parameters())
     say(
         f"{args.task}: {args.model} on ViT-Adapter ({args.pe}), {params:,} parameters, {world} process(es) "
-        f"on {device.type}, {len(train_set)} training images, steps {step + 1}-{total} of {args.batch_size}"
+        f"on {device.type}, {len(train_set)} training images; steps {step + 1}-{total}, {args.batch_size} "
+        "images each"
     )
     state = dict(model=model, ema=None, optimizer=optimizer, history=history, data=described)
     state["cfg"] = next(m for m in model.modules() if isinstance(m, mpvg.VisionTransformer)).cfg

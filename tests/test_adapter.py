@@ -241,6 +241,28 @@ def test_the_two_resize_orders_agree_at_img_size_and_differ_elsewhere():
         assert all(torch.equal(x, y) == same for x, y in zip(oa, ob))
 
 
+@pytest.mark.parametrize("pe_resize", ["pos_0", "pos_l"])
+def test_eq_11_follows_the_resize_order(pe_resize):
+    """MPVG's LN(pos_0) at a 4 x 6 grid: LN of pos_0 resized (the default), or with pe_resize="pos_l" LN at
+    the pretraining grid, then resized, as each layer's PE is; LN of each row does not commute with it."""
+    adapter = randomise(tiny("mpvg", pe_resize=pe_resize)).double().eval()
+    vit, grid = adapter.vit, (4, 6)
+    with torch.no_grad():
+        last = adapter.position(grid)[2]
+        if pe_resize == "pos_0":
+            expected = vit.last_pe_norm(vit.pos_at(grid))
+        else:
+            expected = vit.pos_at(grid, vit.last_pe_norm(vit.pos_embed))
+        other = (
+            vit.pos_at(grid, vit.last_pe_norm(vit.pos_embed))
+            if pe_resize == "pos_0"
+            else vit.last_pe_norm(vit.pos_at(grid))
+        )
+    assert torch.equal(last, expected.reshape(1, 4, 6, -1)) and not torch.allclose(
+        last, other.reshape(1, 4, 6, -1)
+    )
+
+
 # ViT-Adapter-T as published, and the checkpoints it starts from
 
 

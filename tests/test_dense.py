@@ -16,11 +16,11 @@ import torch.distributed as dist
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Subset
-from torchvision.io import write_jpeg, write_png
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import mpvg
-from dense import data, evaluate
+from dense import data, detection, evaluate
 from dense import train as dense_train
 from dense.adapter import build_adapter
 from dense.segmentation import IGNORE, Segmenter
@@ -67,9 +67,9 @@ def test_ade20k_label_maps_load_with_reduce_zero_label(tmp_path):
     for folder in ("images", "annotations"):
         (tmp_path / folder / "training").mkdir(parents=True)
     raw = torch.tensor([0, 1, 2, 150], dtype=torch.uint8).repeat_interleave(32).repeat(16, 1)  # (16, 128)
-    write_png(raw[None], str(tmp_path / "annotations/training/ADE_train_00000001.png"))
+    TF.to_pil_image(raw).save(tmp_path / "annotations/training/ADE_train_00000001.png")
     image = torch.full((3, 16, 128), 200, dtype=torch.uint8)
-    write_jpeg(image, str(tmp_path / "images/training/ADE_train_00000001.jpg"))
+    TF.to_pil_image(image).save(tmp_path / "images/training/ADE_train_00000001.jpg")
     img, label = data.ADE20K(tmp_path, "training")[0]
     assert img.shape == (3, 16, 128) and label.unique().tolist() == [0, 1, 149, IGNORE]
     assert torch.equal(label == IGNORE, raw == 0)
@@ -193,7 +193,9 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
     """Table 8's schedule (x 0.1 from epochs 27 and 33; 500 warmup steps from 0.001 x) and Table 9's (1500
     warmup steps from 1e-6 x, then linear to 0 at step 160k), and ViT-Adapter's segmentation groups: block
     i at 0.95 ** (12 - i), the embeddings at 0.95 ** 13, the adapter and the heads at 1; no weight decay
-    on 1-D weights (its BEiT rule misses the prefixed pos_embed and level_embed, which it decays)."""
+    on 1-D weights (its BEiT rule misses the prefixed pos_embed and level_embed, which it decays). The
+    detection config's MMCV rule goes by name: the 34 1-D weights of ViT-Adapter-T whose names hold none of
+    its keys decay."""
     coco, ade = (dense_train.parse(["--task", task])[0] for task in ("coco", "ade20k"))
     at = lambda args, step: dense_train.lr_at(step, args, total=160_000, per_epoch=100) / args.lr  # noqa: E731
     assert [at(coco, s) for s in (0, 250, 2699, 2700, 3300)] == pytest.approx([1e-3, 0.5005, 1, 0.1, 0.01])
@@ -211,6 +213,13 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
             layer = 13
         assert groups[id(p)]["lr_scale"] == pytest.approx(0.95 ** (13 - layer)), name
         assert groups[id(p)]["weight_decay"] == (0.01 if p.ndim > 1 else 0), name
+    detector = detection.build_mask_rcnn(build_adapter("mpvg", window_attn=True), 81)
+    groups = {id(p): g for g in dense_train.param_groups(detector, coco) for p in g["params"]}
+    exempt = ("level_embed", "pos_embed", "norm", "bias")  # the detection config's custom_keys, by name
+    for name, p in detector.named_parameters():
+        assert groups[id(p)]["weight_decay"] == (0 if any(k in name for k in exempt) else 0.05), name
+    decayed_1d = [n for n, p in detector.named_parameters() if p.ndim == 1 and groups[id(p)]["weight_decay"]]
+    assert len(decayed_1d) == 2 * 12 + 4 + 6  # LayerScale's gammas, the injectors', the prior's BatchNorms
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
@@ -300,3 +309,18 @@ def test_two_processes_score_each_validation_image_once_as_one_does(tmp_path):
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     one, two = ({f"{t} {k}": v for t in s for k, v in s[t].items()} for s in (one, two))
     assert two == pytest.approx(one) and all(0 < v < 100 for v in one.values()), (one, two)
+
+
+def test_the_segmentation_loss_is_mmsegmentations_mean_over_every_pixel():
+    """MMSegmentation 0.20's cross-entropy (ViT-Adapter's pin) averages over all of a batch's pixels, those
+    labelled IGNORE (ADE20K's "other", the crop's padding) adding 0: with one pixel labelled, the loss is
+    its cross-entropy over the pixel count, not the cross-entropy itself."""
+    torch.manual_seed(0)
+    model = Segmenter(build_adapter("mpvg", dim=48, depth=4, heads=2, drop_path=0.0), 4, 32, 16).eval()
+    img, labels = torch.randn(1, 3, 64, 64), torch.full((1, 64, 64), IGNORE)
+    labels[0, 10, 20] = 2
+    losses = model(img, labels)
+    with torch.no_grad():
+        logits = model(img)[0, :, 10, 20]
+    pixel = torch.nn.functional.cross_entropy(logits[None], torch.tensor([2]))
+    assert losses["loss_decode"].item() == pytest.approx(pixel.item() / 64**2, rel=1e-4)
