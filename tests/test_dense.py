@@ -195,7 +195,8 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
     i at 0.95 ** (12 - i), the embeddings at 0.95 ** 13, the adapter and the heads at 1; no weight decay
     on 1-D weights (its BEiT rule misses the prefixed pos_embed and level_embed, which it decays). The
     detection config's MMCV rule goes by name: the 34 1-D weights of ViT-Adapter-T whose names hold none of
-    its keys decay."""
+    its keys decay. Mask R-CNN reads the last tokens into every level, with window attention; UperNet each
+    interaction's tokens, with global attention."""
     coco, ade = (dense_train.parse(["--task", task])[0] for task in ("coco", "ade20k"))
     at = lambda args, step: dense_train.lr_at(step, args, total=160_000, per_epoch=100) / args.lr  # noqa: E731
     assert [at(coco, s) for s in (0, 250, 2699, 2700, 3300)] == pytest.approx([1e-3, 0.5005, 1, 0.1, 0.01])
@@ -220,6 +221,16 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
         assert groups[id(p)]["weight_decay"] == (0 if any(k in name for k in exempt) else 0.05), name
     decayed_1d = [n for n, p in detector.named_parameters() if p.ndim == 1 and groups[id(p)]["weight_decay"]]
     assert len(decayed_1d) == 2 * 12 + 4 + 6  # LayerScale's gammas, the injectors', the prior's BatchNorms
+    small = ["--dim", "48", "--depth", "4", "--heads", "2"]  # each head reads the ViT as its config does
+    segmenter, detector = (
+        dense_train.build_model(dense_train.parse(["--task", task, *small])[0], ["a", "b"], None)
+        for task in ("ade20k", "coco")
+    )
+    assert (
+        segmenter.backbone.add_vit_feature == "each" and detector.backbone.adapter.add_vit_feature == "last"
+    )
+    windows = [block.attn.window for block in detector.backbone.adapter.vit.blocks]
+    assert windows == [14, 14, None, 14] and {b.attn.window for b in segmenter.backbone.vit.blocks} == {None}
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
