@@ -1,7 +1,7 @@
 """Train Mask R-CNN on COCO (paper Table 3) or UperNet on ADE20K (Table 4), each on ViT-Adapter-Ti over
 mpvg.py's ViT in any PE mode, with the recipes of Tables 8-9 as ViT-Adapter's configs give them.
 
-    python -m dense.train --task coco --data synthetic       # a tiny COCO, written and read: minutes on a CPU
+    python -m dense.train --task coco --data synthetic       # a tiny COCO, written and read: a minute
     python -m dense.train --task ade20k --data synthetic     # a tiny ADE20K alike
     torchrun --standalone --nproc_per_node=8 -m dense.train --task coco --data-path data/coco \\
         --finetune runs/mpvg/best.pt --pe mpvg --output-dir runs/coco-mpvg       # Table 3's recipe
@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(name, help=f"{help} [{shown}]" if shown is not None else help, **kw)
 
     add("--task", "coco: Mask R-CNN, box AP; ade20k: UperNet, mIoU", choices=list(RECIPES), required=True)
-    add("--data", "folder: --data-path; synthetic: a tiny set of its format", choices=["folder", "synthetic"])
+    tiny = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items() if v is not None)
+    add(
+        "--data",
+        f"folder: --data-path; synthetic: a tiny set of its format ({tiny})",
+        choices=["folder", "synthetic"],
+    )
     add("--data-path", "the task's standard folder", type=path)
     add("--synthetic-size", "--data synthetic's training images (a quarter as many to score)", type=COUNT)
     add("--pe", "the ViT's PE mode", choices=list(mpvg.PE_MODES))
