@@ -253,22 +253,33 @@ def train_steps(model, loader, optimizer, args, steps: range, schedule, device, 
     return engine.all_reduce(total).item() / (world * len(steps))
 
 
+ARCHITECTURE = ("patch_size", "in_chans", "dim", "depth", "heads", "mlp_ratio", "qkv_bias", "norm_eps")
+
+
 def build_model(args, classes: list[str], ckpt: dict | None):
     """The task's model on ViT-Adapter (the same in every process), with the checkpoint's weights, or the
-    ViT's from --finetune."""
+    ViT's from --finetune. The ViT is built as the checkpoint's (or --finetune's) model_config has it, else
+    (timm's weights) as the flags say; --dim, --depth and --heads must then agree with it."""
     torch.manual_seed(args.seed)
-    config = dict(dim=args.dim, depth=args.depth, heads=args.heads, drop_path=args.drop_path)
-    adapter = build_adapter(args.pe, args.window_attn, add_vit_feature=args.add_vit_feature, **config)
-    if args.finetune and not ckpt:
-        weights = checkpoint.read(args.finetune, of_a_run=False)
-        if (trained := (weights.get("model_config") or {}).get("pe", args.pe)) != args.pe:
-            raise UserError(
-                f"--finetune {args.finetune} was trained with --pe {trained}: give --pe {trained}"
-            )
-        try:
-            notes = load_backbone(adapter, weights)
-        except ValueError as e:  # weights of another model
-            raise UserError(f"--finetune {args.finetune} {e}") from None
+    weights = checkpoint.read(args.finetune, of_a_run=False) if args.finetune and not ckpt else None
+    trained = (ckpt or weights or {}).get("model_config") or {}
+    config = dict(dim=args.dim, depth=args.depth, heads=args.heads)
+    if any(trained.get(k, v) != v for k, v in config.items()) or trained.get("pe", args.pe) != args.pe:
+        asked = " ".join(f"--{k} {trained.get(k, getattr(args, k))}" for k in (*config, "pe"))
+        raise UserError(f"--finetune {args.finetune} is a ViT of {asked}: give those")
+    config |= {k: trained[k] for k in ARCHITECTURE if k in trained}
+    try:
+        adapter = build_adapter(
+            args.pe,
+            args.window_attn,
+            add_vit_feature=args.add_vit_feature,
+            drop_path=args.drop_path,
+            **config,
+        )
+        notes = weights and load_backbone(adapter, weights)
+    except ValueError as e:  # a width the deformable heads do not divide; weights of another model
+        raise UserError(f"--finetune {args.finetune} {e}" if weights else str(e)) from None
+    if weights:
         say(f"--finetune {args.finetune}: loaded" + "".join(f"; {n}" for n in notes))
     if args.task == "coco":
         model = detection.build_mask_rcnn(adapter, len(classes) + 1, args.crop, args.head_width)

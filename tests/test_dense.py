@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_train
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Subset
@@ -335,3 +336,35 @@ def test_the_segmentation_loss_is_mmsegmentations_mean_over_every_pixel():
         logits = model(img)[0, :, 10, 20]
     pixel = torch.nn.functional.cross_entropy(logits[None], torch.tensor([2]))
     assert losses["loss_decode"].item() == pytest.approx(pixel.item() / 64**2, rel=1e-4)
+
+
+def test_finetune_builds_the_vit_of_a_train_py_checkpoint_and_loads_it_whole(tmp_path, capsys):
+    """Table 3's start: a train.py run (here ViT-Lite's shape: MLP ratio 2, no qkv bias) into ViT-Adapter.
+    Its width, depth and heads must be given as trained (a one-line error says which); the rest of its
+    shape comes from its model_config, so every ViT weight loads and only LayerScale is new."""
+    run_train(
+        tmp_path, "--img-size", "64", "--patch-size", "16", "--dim", "48", "--depth", "4", "--epochs", "1"
+    )
+    ade = [
+        "--task",
+        "ade20k",
+        "--data",
+        "synthetic",
+        "--synthetic-size",
+        "4",
+        "--crop",
+        "64",
+        "--workers",
+        "0",
+    ]
+    ade += ["--head-width", "16", "--iters", "1", "--finetune", str(tmp_path / "run/best.pt")]
+    with pytest.raises(
+        SystemExit, match="best.pt is a ViT of --dim 48 --depth 4 --heads 2 --pe mpvg: give those$"
+    ):
+        dense_train.main([*ade, "--output-dir", str(tmp_path / "refused")])
+    dense_train.main(
+        [*ade, "--dim", "48", "--depth", "4", "--heads", "2", "--output-dir", str(tmp_path / "ade")]
+    )
+    loaded = next(line for line in capsys.readouterr().out.splitlines() if "loaded" in line)
+    gammas = ", ".join(f"blocks.{i}.{part}.gamma" for i in range(4) for part in ("attn", "mlp"))
+    assert loaded.endswith(f"loaded; new: {gammas}; not used: norm.weight, norm.bias, head.weight, head.bias")
