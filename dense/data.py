@@ -155,8 +155,11 @@ def load_coco(root: Path, crop: int, seed: int):
         images, annotations = root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
         if not images.is_dir() or not annotations.is_file():
             raise UserError(f"no {images}/ or {annotations}: give --data-path COCO's folder")
-        with redirect_stdout(io.StringIO()):  # pycocotools' messages while it indexes
-            sets.append(CocoDetection(images, annotations))
+        try:
+            with redirect_stdout(io.StringIO()):  # pycocotools' messages while it indexes
+                sets.append(CocoDetection(images, annotations))
+        except (ValueError, KeyError, TypeError) as e:  # cut short, or not COCO's layout
+            raise UserError(f"cannot read {annotations} ({type(e).__name__}: {e}): replace it") from None
     train, val = sets
     train.ids = [i for i in train.ids if train.coco.getAnnIds(imgIds=i)]
     labels = {c: k + 1 for k, c in enumerate(categories(val.coco))}
@@ -181,15 +184,22 @@ class ADE20K(Dataset):
         self.images = sorted((root / "images" / split).glob("*.jpg"))
         if not self.images:
             raise UserError(f"no images in {root / 'images' / split}: give --data-path ADE20K's folder")
+        unlabelled = [i.name for i in self.images if not self.label(i).is_file()]
+        if unlabelled:
+            raise UserError(
+                f"{len(unlabelled)} image(s) of {root / 'images' / split} without a label map in "
+                f"{root / 'annotations' / split} ({unlabelled[0]}, ...): give both, or neither"
+            )
+
+    def label(self, image: Path) -> Path:
+        return self.root / "annotations" / self.split / f"{image.stem}.png"
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         img = TF.pil_to_tensor(Image.open(self.images[i]).convert("RGB"))
-        label = TF.pil_to_tensor(
-            Image.open(self.root / "annotations" / self.split / f"{self.images[i].stem}.png")
-        )[0]
+        label = TF.pil_to_tensor(Image.open(self.label(self.images[i])))[0]
         label = label.long() - 1
         return img, label.masked_fill(label < 0, IGNORE)
 

@@ -236,8 +236,14 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     """No COCO folder, an ADE20K folder without images, no pycocotools, one image a step for UperNet's
-    batch statistics, a crop the adapter cannot take, no --task: each a line that says what to give, and
-    nothing written."""
+    batch statistics, COCO's json cut short, an ADE20K image without its label map, a crop the adapter
+    cannot take, no --task: each a line that says what to give, and nothing written."""
+    coco, ade = tmp_path / "coco", tmp_path / "ade"
+    data.write_coco(coco, (2, 1), 64)
+    data.write_ade20k(ade, (2, 1), 64)
+    cut = coco / "annotations/instances_val2017.json"  # cut short in the middle
+    cut.write_text(cut.read_text()[:300])
+    (ade / "annotations/training/ADE_training_00000002.png").unlink()
     for flags, said in [
         (["--task", "coco", "--data-path", str(tmp_path)], f"no {tmp_path}/train2017/ or "),
         (["--task", "ade20k", "--data-path", str(tmp_path)], f"no images in {tmp_path}/images/training"),
@@ -246,6 +252,11 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
             "COCO needs pycocotools: pip install -r requirements-dense.txt",
         ),
         (["--task", "ade20k", "--batch-size", "1"], "UperNet's pyramid pooling normalises a 1 x 1 map over"),
+        (["--task", "coco", "--data-path", str(coco)], f"cannot read {cut} (JSONDecodeError: "),
+        (
+            ["--task", "ade20k", "--data-path", str(ade)],
+            f"1 image(s) of {ade}/images/training without a label",
+        ),
     ]:
         with (
             monkeypatch.context() as m,
