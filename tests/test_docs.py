@@ -32,7 +32,8 @@ def test_the_python_of_the_readme_and_the_docs_runs(tmp_path, monkeypatch):
 def commands() -> list[tuple[str, list[str]]]:
     """Every `python train.py`, `torchrun ... train.py`, `python -m tools.NAME` or `-m dense.train` command of
     the pages, in shell blocks or inline code, as (script, its flags)."""
-    inline = [c for page in PAGES for c in re.findall(r"`((?:python|torchrun) [^`]*)`", page.read_text())]
+    spans = [c for page in PAGES for c in re.findall(r"`((?:python|torchrun) [^`]*)`", page.read_text())]
+    inline = [" ".join(c.split()) for c in spans]  # a span the page's lines wrap is one command
     found = []
     for line in "\n".join(blocks("bash") + inline).replace("\\\n", " ").splitlines():
         words = shlex.split(line.split("#", 1)[0])
