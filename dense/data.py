@@ -56,8 +56,13 @@ class Seeded(Dataset):
     """A data set's samples through a transform whose randomness comes from (seed, draw) alone, not from the
     number of processes or loader workers; a plain index (evaluation) is its own draw."""
 
-    def __init__(self, dataset: Dataset, transform, seed: int = 0):
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, transform, file, seed: int = 0):
+        self.dataset, self.transform, self.file, self.seed = (
+            dataset,
+            transform,
+            file,
+            seed,
+        )  # file(index): path
 
     def __len__(self):
         return len(self.dataset)
@@ -67,8 +72,7 @@ class Seeded(Dataset):
         try:
             sample = self.dataset[index]
         except Exception as e:  # a missing, truncated or non-image file: named in one line by the command
-            where = self.dataset.images[index] if isinstance(self.dataset, ADE20K) else f"image {index}"
-            raise DataError(f"cannot read {where} ({type(e).__name__}: {e}); replace it") from None
+            raise DataError(f"cannot read {self.file(index)} ({type(e).__name__}: {e}); replace it") from None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_of(self.seed, draw))
             return self.transform(*sample)
@@ -165,8 +169,9 @@ def load_coco(root: Path, crop: int, seed: int):
     labels = {c: k + 1 for k, c in enumerate(categories(val.coco))}
     keys = {"boxes", "labels", "masks", "iscrowd"}
     objects = partial(coco_objects, coco_train(crop), labels)
-    train_set = Seeded(wrap_dataset_for_transforms_v2(train, keys), objects, seed)
-    val_set = Seeded(wrap_dataset_for_transforms_v2(val, {"image_id"}), coco_image)
+    file = lambda coco: lambda i: Path(coco.root) / coco.coco.imgs[coco.ids[i]]["file_name"]  # noqa: E731
+    train_set = Seeded(wrap_dataset_for_transforms_v2(train, keys), objects, file(train), seed)
+    val_set = Seeded(wrap_dataset_for_transforms_v2(val, {"image_id"}), coco_image, file(val))
     return train_set, val_set, [val.coco.cats[c]["name"] for c in labels], val.coco
 
 
@@ -260,7 +265,8 @@ def load_ade20k(root: Path, crop: int, seed: int):
     """ADE20K's training and validation sets, and its classes (by number: objectInfo150 names them)."""
     train, val = ADE20K(root, "training"), ADE20K(root, "validation")
     classes = [str(k) for k in range(ADE20K.classes)]
-    return Seeded(train, partial(ade_train, crop), seed), Seeded(val, partial(ade_val, crop)), classes, None
+    train_set = Seeded(train, partial(ade_train, crop), train.images.__getitem__, seed)
+    return train_set, Seeded(val, partial(ade_val, crop), val.images.__getitem__), classes, None
 
 
 # --data synthetic: tiny sets in the real formats, written where the run reads them

@@ -379,3 +379,26 @@ def test_finetune_builds_the_vit_of_a_train_py_checkpoint_and_loads_it_whole(tmp
     loaded = next(line for line in capsys.readouterr().out.splitlines() if "loaded" in line)
     gammas = ", ".join(f"blocks.{i}.{part}.gamma" for i in range(4) for part in ("attn", "mlp"))
     assert loaded.endswith(f"loaded; new: {gammas}; not used: norm.weight, norm.bias, head.weight, head.bias")
+
+
+def test_a_damaged_image_is_named_in_one_line(tmp_path):
+    """A COCO image cut short, met by a loader worker in the middle of training: one line that names its
+    file, from the process that met it."""
+    data.write_coco(tmp_path / "coco", (4, 1), 64)
+    image = tmp_path / "coco/train2017/000000000002.jpg"
+    image.write_bytes(image.read_bytes()[:200])
+    flags = [
+        "--task",
+        "coco",
+        "--data-path",
+        str(tmp_path / "coco"),
+        *TINY,
+        "--workers",
+        "1",
+        "--batch-size",
+        "2",
+    ]
+    with pytest.raises(
+        SystemExit, match=f"^dense.train: error: cannot read {image} \\(OSError: .*\\); replace it$"
+    ):
+        dense_train.main([*flags, "--iters", "4", "--output-dir", str(tmp_path / "run")])
