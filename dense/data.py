@@ -162,8 +162,11 @@ def load_coco(root: Path, crop: int, seed: int):
         try:
             with redirect_stdout(io.StringIO()):  # pycocotools' messages while it indexes
                 sets.append(CocoDetection(images, annotations))
-        except (ValueError, KeyError, TypeError) as e:  # cut short, or not COCO's layout
+            lacks = {"images", "annotations", "categories"} - set(sets[-1].coco.dataset)
+        except (ValueError, KeyError, TypeError, AssertionError) as e:  # cut short, or not a dict
             raise UserError(f"cannot read {annotations} ({type(e).__name__}: {e}): replace it") from None
+        if lacks:
+            raise UserError(f"{annotations} is not COCO's: it has no {', '.join(sorted(lacks))}; replace it")
     train, val = sets
     train.ids = [i for i in train.ids if train.coco.getAnnIds(imgIds=i)]
     labels = {c: k + 1 for k, c in enumerate(categories(val.coco))}

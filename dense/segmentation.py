@@ -45,7 +45,7 @@ class UperNet(nn.Module):
 class Segmenter(nn.Module):
     """MMSegmentation's EncoderDecoder: the adapter, UperNet, and in training the auxiliary FCN head on the
     third level (1/16), its loss weighted 0.4. forward(img) gives logits at the image's size; forward(img,
-    labels) the two losses, cross-entropy over the pixels not labelled IGNORE."""
+    labels) the two losses, cross-entropy averaged over every pixel, one labelled IGNORE adding 0."""
 
     def __init__(self, adapter: nn.Module, num_classes: int, channels: int = 512, aux_channels: int = 256):
         super().__init__()

@@ -101,6 +101,7 @@ DEFAULTS = dict(
     accum_steps=1,  # engine.join's: one micro-batch a step
 )
 MAY_CHANGE = {*"resume eval_only output_dir epochs iters lr data_path workers log_every".split()}
+MODEL_FLAGS = "dim depth heads window_attn add_vit_feature head_width crop".split()  # an evaluation's too
 CROP = flags.typed(
     int, lambda v: v >= 32 and v % 32 == 0, "a multiple of 32"
 )  # the adapter's coarsest stride
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(name, help=f"{help} [{shown}]" if shown is not None else help, **kw)
 
     add("--task", "coco: Mask R-CNN, box AP; ade20k: UperNet, mIoU", choices=list(RECIPES), required=True)
-    tiny = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items() if v is not None)
+    tiny = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC.items())
     add(
         "--data",
         f"folder: --data-path; synthetic: a tiny set of its format ({tiny})",
@@ -167,9 +168,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
         raise UserError("--resume PATH goes on with a run and --finetune starts a new one: give one of them")
     out = Path(given.get("output_dir", RECIPES[given["task"]]["output_dir"]))
     # read as either task's (each step of its history holds "iter"), then refused if of the other task
-    resumed = given.get("resume") and checkpoint.resume(given, out, MAY_CHANGE | {"task"}, score="iter")
+    resumed = given.get("resume") and checkpoint.resume(
+        given, out, MAY_CHANGE | {"task"}, score="iter", model_flags=MODEL_FLAGS
+    )
     if resumed and (task := resumed[1]["args"].get("task")) != given["task"]:
         raise UserError(f"{resumed[0]} is a checkpoint of --task {task}: give --task {task}")
+    if resumed and (missing := sorted((set(DEFAULTS) | set(RECIPES["coco"])) - set(resumed[1]["args"]))):
+        raise UserError(f"{resumed[0]}'s flags lack --{missing[0].replace('_', '-')}: an older dense.train's")
     if resumed:
         return argparse.Namespace(**resumed[1]["args"] | given), resumed
     if given.get("eval_only"):
@@ -253,7 +258,10 @@ def train_steps(model, loader, optimizer, args, steps: range, schedule, device, 
     return engine.all_reduce(total).item() / (world * len(steps))
 
 
-ARCHITECTURE = ("patch_size", "in_chans", "dim", "depth", "heads", "mlp_ratio", "qkv_bias", "norm_eps")
+TRAINED = (  # the ViT's fields that a checkpoint's model_config sets: its shape and its PE mode's knobs
+    *"patch_size in_chans dim depth heads mlp_ratio qkv_bias norm_eps".split(),
+    *"pe_input pe_layers pe_hierarchical last_pe pool".split(),
+)
 
 
 def build_model(args, classes: list[str], ckpt: dict | None):
@@ -267,7 +275,7 @@ def build_model(args, classes: list[str], ckpt: dict | None):
     if any(trained.get(k, v) != v for k, v in config.items()) or trained.get("pe", args.pe) != args.pe:
         asked = " ".join(f"--{k} {trained.get(k, getattr(args, k))}" for k in (*config, "pe"))
         raise UserError(f"--finetune {args.finetune} is a ViT of {asked}: give those")
-    config |= {k: trained[k] for k in ARCHITECTURE if k in trained}
+    config |= {k: trained[k] for k in TRAINED if k in trained}
     try:
         adapter = build_adapter(
             args.pe,
@@ -304,8 +312,9 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
     args, resumed = parse(argv)
     path, ckpt = resumed or (None, None)
     del resumed  # run() alone holds the checkpoint, so that it is freed once applied
+    where["keep"] = ("--task", args.task)  # in the command that goes on, from the first moment
     out = where["out"] = path.parent if path else Path(args.output_dir)
-    where["keep"], device = ("--task", args.task), engine.join(args, world)
+    device = engine.join(args, world)
     synced = world > 1 and device.type == "cuda"  # SyncBatchNorm: over every process's images
     if args.task == "ade20k" and not args.eval_only and args.batch_size < 2 * world and not synced:
         raise UserError(
@@ -376,9 +385,9 @@ def run(argv: list[str], rank: int, world: int, where: dict, scratch: Path) -> d
 def main(argv=None):
     """The command line; an interrupt (Ctrl-C, or SIGTERM to the process or its group) ends it with exit 130
     and one line that says what is saved and the command that goes on; an error, with one line."""
-    # DDP's one harmless warning on a CPU: a depthwise convolution's weight gradient whose stride differs
-    # from its bucket's on a dimension of size 1, the same layout in memory
-    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+    if not torch.cuda.is_available():  # DDP's one harmless warning on a CPU: a depthwise convolution's weight
+        # gradient whose stride differs from its bucket's on a dimension of size 1, the same layout in memory
+        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     with tempfile.TemporaryDirectory() as scratch:  # where --data synthetic goes
         argv = sys.argv[1:] if argv is None else list(argv)
         return checkpoint.command("-m dense.train", partial(run, scratch=Path(scratch)), argv, "evaluation")

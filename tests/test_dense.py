@@ -97,7 +97,8 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     """A step of each head, saved; an interrupt in the next ends with exit 130 and one line that names the
     checkpoint and the command that goes on; that command (given more --iters) ends with the very weights
     and optimizer state of a run never stopped: data order, augmentation, drop path and the heads' sampling
-    come from the seed and the step alone. --eval-only scores best.pt as the run did, for its task only."""
+    come from the seed and the step alone. --eval-only scores best.pt's own weights, for its task and model
+    only."""
     flags = ["--task", task, "--data", "synthetic", *TINY, "--eval-every", "1", "--iters", "2"]
     dense_train.main([*flags, "--output-dir", str(tmp_path / "straight")])
     step, seen = torch.optim.AdamW.step, []
@@ -128,9 +129,19 @@ def test_each_head_interrupted_says_so_and_resumes_to_the_same_weights(tmp_path,
     other = "ade20k" if task == "coco" else "coco"
     with pytest.raises(SystemExit, match=f"best.pt is a checkpoint of --task {task}: give --task {task}$"):
         dense_train.main(["--task", other, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")])
-    best = dense_train.main(["--task", task, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")])
-    score = dense_train.SCORES[task]
-    assert best[score] == max(m[score] for m in b["history"])  # what picked best.pt, scored again
+    evaluated = ["--task", task, "--eval-only", "--resume", str(tmp_path / "stopped/best.pt")]
+    with pytest.raises(SystemExit, match="--head-width differs from the checkpoint's, which a resume keeps"):
+        dense_train.main([*evaluated, "--head-width", "8"])
+    score = dense_train.SCORES[task]  # scored by a fingerprint of the weights evaluated: best.pt's own
+
+    def fingerprint(model, *rest):
+        return {score: sum(v.double().sum().item() for v in model.state_dict().values())}
+
+    monkeypatch.setattr(evaluate, f"evaluate_{task}", fingerprint)
+    saved = torch.load(tmp_path / "stopped/best.pt", weights_only=True)["model"]
+    assert dense_train.main(evaluated)[score] == pytest.approx(
+        sum(v.double().sum().item() for v in saved.values())
+    )
 
 
 def quadrants(n: int, side: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,13 +247,16 @@ def test_the_recipes_are_mmcvs_schedules_and_vit_adapters_layer_decay():
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     """No COCO folder, an ADE20K folder without images, no pycocotools, one image a step for UperNet's
-    batch statistics, COCO's json cut short, an ADE20K image without its label map, a crop the adapter
-    cannot take, no --task: each a line that says what to give, and nothing written."""
+    batch statistics, COCO's json cut short or not COCO's, an ADE20K image without its label map, a crop
+    the adapter cannot take, no --task: each a line that says what to give, and nothing written."""
     coco, ade = tmp_path / "coco", tmp_path / "ade"
     data.write_coco(coco, (2, 1), 64)
     data.write_ade20k(ade, (2, 1), 64)
     cut = coco / "annotations/instances_val2017.json"  # cut short in the middle
     cut.write_text(cut.read_text()[:300])
+    empty = tmp_path / "empty"  # COCO's folders and files, its json not COCO's
+    data.write_coco(empty, (2, 1), 64)
+    (empty / "annotations/instances_train2017.json").write_text("{}")
     (ade / "annotations/training/ADE_training_00000002.png").unlink()
     for flags, said in [
         (["--task", "coco", "--data-path", str(tmp_path)], f"no {tmp_path}/train2017/ or "),
@@ -253,6 +267,10 @@ def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
         ),
         (["--task", "ade20k", "--batch-size", "1"], "UperNet's pyramid pooling normalises a 1 x 1 map over"),
         (["--task", "coco", "--data-path", str(coco)], f"cannot read {cut} (JSONDecodeError: "),
+        (
+            ["--task", "coco", "--data-path", str(empty)],
+            f"{empty}/annotations/instances_train2017.json is not COCO's",
+        ),
         (
             ["--task", "ade20k", "--data-path", str(ade)],
             f"1 image(s) of {ade}/images/training without a label",
@@ -350,12 +368,12 @@ def test_the_segmentation_loss_is_mmsegmentations_mean_over_every_pixel():
 
 
 def test_finetune_builds_the_vit_of_a_train_py_checkpoint_and_loads_it_whole(tmp_path, capsys):
-    """Table 3's start: a train.py run (here ViT-Lite's shape: MLP ratio 2, no qkv bias) into ViT-Adapter.
-    Its width, depth and heads must be given as trained (a one-line error says which); the rest of its
-    shape comes from its model_config, so every ViT weight loads and only LayerScale is new."""
-    run_train(
-        tmp_path, "--img-size", "64", "--patch-size", "16", "--dim", "48", "--depth", "4", "--epochs", "1"
-    )
+    """Table 3's start: a train.py run (here ViT-Lite's shape: MLP ratio 2, no qkv bias; MPVG with a PE in
+    every layer) into ViT-Adapter. Its width, depth and heads must be given as trained (a one-line error
+    says which); the rest of its shape and its PE knobs come from its model_config, so every ViT weight
+    loads (block 0's LN'_0 too) and only LayerScale is new."""
+    shape = ["--img-size", "64", "--patch-size", "16", "--dim", "48", "--depth", "4", "--pe-layers", "all"]
+    run_train(tmp_path, *shape, "--epochs", "1")
     ade = [
         "--task",
         "ade20k",
@@ -402,3 +420,31 @@ def test_a_damaged_image_is_named_in_one_line(tmp_path):
         SystemExit, match=f"^dense.train: error: cannot read {image} \\(OSError: .*\\); replace it$"
     ):
         dense_train.main([*flags, "--iters", "4", "--output-dir", str(tmp_path / "run")])
+
+
+def test_a_resume_interrupted_as_it_starts_names_its_task_and_an_older_checkpoint_is_one_line(
+    tmp_path, monkeypatch, capsys
+):
+    """An interrupt while the processes join still gives a command that goes on (with its --task); a
+    checkpoint whose flags lack one of today's is refused in one line, not an AttributeError."""
+    run = str(tmp_path / "run")
+    dense_train.main(["--task", "ade20k", "--data", "synthetic", *TINY, "--iters", "1", "--output-dir", run])
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(dense_train.engine, "join", lambda *args: exec("raise KeyboardInterrupt"))
+        with pytest.raises(SystemExit):
+            dense_train.main(["--task", "ade20k", "--resume", "auto", "--output-dir", run, "--iters", "2"])
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"Go on: python -m dense.train --task ade20k --resume auto --output-dir {run}")
+    )
+    ckpt = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    del ckpt["args"]["add_vit_feature"]
+    torch.save(ckpt, tmp_path / "run/checkpoint.pt")
+    with pytest.raises(
+        SystemExit, match="checkpoint.pt's flags lack --add-vit-feature: an older dense.train's$"
+    ):
+        dense_train.main(
+            ["--task", "ade20k", "--resume", str(tmp_path / "run/checkpoint.pt"), "--iters", "2"]
+        )

@@ -437,3 +437,15 @@ def test_a_checkpoint_with_a_field_missing_or_of_another_kind_is_refused_in_one_
         assert message.startswith(f"train.py: error: {tmp_path}/edited.pt") and "\n" not in message
         assert (field if field != "args" or value is None else "--lr") in message, message
     assert snapshot(tmp_path / "run") == before
+
+
+def test_an_interrupted_evaluation_says_to_run_it_again(monkeypatch, capsys):
+    """An evaluation saves nothing: its interrupt line gives the same command again, not a resume that would
+    train."""
+    monkeypatch.setattr(train, "run", lambda *args: exec("raise KeyboardInterrupt"))
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--eval-only", "--resume", "runs/x/best.pt"])
+    said = capsys.readouterr().err.strip()
+    assert stopped.value.code == 130
+    again = "python train.py --eval-only --resume runs/x/best.pt"
+    assert said == f"train.py: interrupted; an evaluation saves nothing. Again: {again}"

@@ -25,7 +25,7 @@ import torch
 
 from dense import adapter as dense_adapter
 from dense import train as dense_train
-from training import engine
+from training import UserError, engine
 
 
 def rss_mib() -> float:
@@ -138,7 +138,10 @@ def main(argv=None):
         return
     torch.manual_seed(0)
     flags = ["--batch-size", str(args.batch_size), "--log-every", str(10**9), *rest]
-    row = measure(args.task, args.size, args.steps, flags)
+    try:
+        row = measure(args.task, args.size, args.steps, flags)
+    except UserError as e:  # a dense.train flag out of its range
+        raise SystemExit(f"tools.dense_benchmark: error: {e}") from None
     threads = (
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {torch.get_num_threads()} threads"
     )

@@ -183,11 +183,11 @@ def going_on(out: Path | None, argv: list[str], world: int, program: str, *keep:
 
 
 def resume(
-    given: dict, out: Path, may_change: set = MAY_CHANGE, score: str = "val_top1"
+    given: dict, out: Path, may_change: set = MAY_CHANGE, score: str = "val_top1", model_flags=MODEL_FLAGS
 ) -> tuple[Path, dict] | None:
     """The checkpoint that a run given these flags goes on from, read once, and its path: --resume PATH,
     or for --resume auto the newest in `out` (None in a folder of no run). Refused in one line: a flag
-    outside may_change given anew (an evaluation: a model flag), a resume that would write outside its
+    outside may_change given anew (an evaluation: one of model_flags), a resume that would write outside its
     run's folder, over another run's checkpoint, or over a newer epoch of its own run."""
     auto, evaluating = given["resume"] == "auto", given.get("eval_only", False)
     folder = out if auto else Path(given["resume"]).parent
@@ -196,7 +196,7 @@ def resume(
     if path is None:
         return None
     ckpt = run.get(path) or read(path, mmap=True, score=score)
-    fixed = {"model", "pe", *MODEL_FLAGS} if evaluating else set(given) - may_change
+    fixed = {"model", "pe", *model_flags} if evaluating else set(given) - may_change
     for key in (k for k in fixed & set(given) if given[k] != ckpt["args"].get(k)):
         raise UserError(
             f"--{key.replace('_', '-')} differs from the checkpoint's, which a resume keeps: drop it"
@@ -268,12 +268,17 @@ def command(program: str, run, argv: list[str], unit: str = "epoch"):
         try:
             return run(argv, rank, world, where)
         except KeyboardInterrupt:
-            found, again = going_on(where.get("out"), argv, world, program, *where.get("keep", ()))
-            said = (
-                f"; {found[0]} holds {unit} {found[1] + 1}. Go on"
-                if found
-                else " before its first checkpoint. Start again"
-            )
+            evaluating = "--eval-only" in argv  # it saves nothing: the same command again
+            out = None if evaluating else where.get("out")
+            found, again = going_on(out, argv, world, program, *where.get("keep", ()))
+            if evaluating:
+                said = "; an evaluation saves nothing. Again"
+            else:
+                said = (
+                    f"; {found[0]} holds {unit} {found[1] + 1}. Go on"
+                    if found
+                    else " before its first checkpoint. Start again"
+                )
             if rank == 0:
                 print(f"\n{name}: interrupted{said}: {again}", file=sys.stderr)
             raise SystemExit(130) from None
