@@ -171,12 +171,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, tuple[Path, dict] | None
     resumed = given.get("resume") and checkpoint.resume(
         given, out, MAY_CHANGE | {"task"}, score="iter", model_flags=MODEL_FLAGS
     )
-    if resumed and (task := resumed[1]["args"].get("task")) != given["task"]:
-        raise UserError(f"{resumed[0]} is a checkpoint of --task {task}: give --task {task}")
-    if resumed and (missing := sorted((set(DEFAULTS) | set(RECIPES["coco"])) - set(resumed[1]["args"]))):
-        raise UserError(f"{resumed[0]}'s flags lack --{missing[0].replace('_', '-')}: an older dense.train's")
     if resumed:
-        return argparse.Namespace(**resumed[1]["args"] | given), resumed
+        path, saved = resumed[0], resumed[1]["args"]
+        if (task := saved.get("task")) != given["task"]:
+            raise UserError(f"{path} is a checkpoint of --task {task}: give --task {task}")
+        if missing := sorted((set(DEFAULTS) | set(RECIPES["coco"])) - set(saved)):
+            raise UserError(f"{path}'s flags lack --{missing[0].replace('_', '-')}: an older dense.train's")
+        return argparse.Namespace(**saved | given), resumed
     if given.get("eval_only"):
         raise UserError(
             "--eval-only needs a checkpoint: --resume PATH, or --resume auto with one in --output-dir"
